@@ -1,0 +1,163 @@
+"""The Mamba block (Gu & Dao 2023, Section 3.4 and Fig. 3), backend-independent.
+
+:class:`Mamba` has the parameter names, shapes and initialisation of ``mamba_ssm.Mamba``
+(``in_proj``, ``conv1d``, ``x_proj``, ``dt_proj``, ``A_log``, ``D``, ``out_proj``), so a
+state_dict trained with mamba-ssm on a GPU loads into it on a CPU and gives the same
+output. The depthwise causal convolution uses ``causal_conv1d`` on CUDA when it imports
+and ``torch.nn.functional.conv1d`` otherwise; the selective scan goes through
+:func:`nnunet_mamba.ssm.selective_scan` and always runs in float32, autocast or not.
+
+:class:`MultiScanMamba` is the multi-directional variant SegMamba's Tri-orientated Mamba
+uses (Xing et al. 2024, Sec. 2.2): one shared ``in_proj``/``out_proj`` and one set of
+scan parameters (:class:`SSMBranch`) per scan order, the branch outputs summed.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .selective_scan import selective_scan
+
+
+@functools.lru_cache(maxsize=None)
+def _causal_conv1d_fn():
+    try:
+        from causal_conv1d import causal_conv1d_fn
+    except Exception:
+        return None
+    return causal_conv1d_fn
+
+
+class SSMBranch(nn.Module):
+    """The selective-SSM half of a Mamba block: causal depthwise conv, SiLU, input-dependent
+    (dt, B, C) projections and the selective scan gated by z.
+
+    Input x, z: (batch, d_inner, L). Output: (batch, d_inner, L).
+    Parameter names match ``mamba_ssm.Mamba`` (conv1d, x_proj, dt_proj, A_log, D).
+    """
+
+    def __init__(self, d_inner: int, d_state: int = 16, d_conv: int = 4, dt_rank: int = 8,
+                 dt_min: float = 0.001, dt_max: float = 0.1, dt_init: str = "random",
+                 dt_scale: float = 1.0, dt_init_floor: float = 1e-4, conv_bias: bool = True,
+                 scan_backend: Optional[str] = None):
+        super().__init__()
+        self.d_inner, self.d_state, self.d_conv, self.dt_rank = d_inner, d_state, d_conv, dt_rank
+        self.scan_backend = scan_backend
+        self.conv1d = nn.Conv1d(d_inner, d_inner, kernel_size=d_conv, groups=d_inner,
+                                padding=d_conv - 1, bias=conv_bias)
+        self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
+        # mamba_ssm's initialisation: dt_proj keeps softplus(bias) in [dt_min, dt_max]
+        std = dt_rank ** -0.5 * dt_scale
+        if dt_init == "constant":
+            nn.init.constant_(self.dt_proj.weight, std)
+        elif dt_init == "random":
+            nn.init.uniform_(self.dt_proj.weight, -std, std)
+        else:
+            raise ValueError(f"dt_init must be 'random' or 'constant', got {dt_init!r}")
+        dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min))
+                       + math.log(dt_min)).clamp(min=dt_init_floor)
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        self.dt_proj.bias._no_reinit = True
+        A = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(d_inner, 1)
+        self.A_log = nn.Parameter(torch.log(A))
+        self.A_log._no_weight_decay = True
+        self.D = nn.Parameter(torch.ones(d_inner))
+        self.D._no_weight_decay = True
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.ssm(x, z)
+
+    def ssm(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """x, z: (batch, d_inner, L) -> y (batch, d_inner, L) in float32 (float64 stays)."""
+        L = x.shape[-1]
+        conv_fn = _causal_conv1d_fn() if x.is_cuda else None
+        if conv_fn is not None:
+            x = conv_fn(x.contiguous(), self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                        activation="silu")
+        else:
+            x = F.silu(self.conv1d(x)[..., :L])
+        x_dbl = self.x_proj(x.transpose(1, 2))  # (b, L, dt_rank + 2N)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # bias goes into the scan
+        A = -torch.exp(self.A_log.float())
+        work = torch.promote_types(x.dtype, torch.float32)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return selective_scan(
+                x.to(work), dt.to(work), A.to(work), B.transpose(1, 2).to(work),
+                C.transpose(1, 2).to(work), self.D.to(work), z=z.to(work),
+                delta_bias=self.dt_proj.bias.to(work), delta_softplus=True,
+                backend=self.scan_backend)
+
+
+def _dt_rank(d_model: int, dt_rank) -> int:
+    return math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+
+
+class Mamba(SSMBranch):
+    """Mamba block (Gu & Dao 2023, Sec. 3.4), a drop-in for ``mamba_ssm.Mamba``.
+
+    Input (batch, L, d_model) -> output (batch, L, d_model). ``d_inner = expand * d_model``;
+    ``dt_rank='auto'`` is ceil(d_model / 16). Same parameter names and shapes as
+    ``mamba_ssm.Mamba`` (its branch parameters sit at top level, as there).
+    """
+
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
+                 dt_rank="auto", dt_min: float = 0.001, dt_max: float = 0.1,
+                 dt_init: str = "random", dt_scale: float = 1.0, dt_init_floor: float = 1e-4,
+                 conv_bias: bool = True, bias: bool = False,
+                 scan_backend: Optional[str] = None):
+        d_inner = int(expand * d_model)
+        super().__init__(d_inner, d_state, d_conv, _dt_rank(d_model, dt_rank), dt_min, dt_max,
+                         dt_init, dt_scale, dt_init_floor, conv_bias, scan_backend)
+        self.d_model, self.expand = d_model, expand
+        self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=bias)
+        self.out_proj = nn.Linear(d_inner, d_model, bias=bias)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)
+        y = self.ssm(x, z)  # (b, d_inner, L), float32 (float64 for float64 models)
+        return self.out_proj(y.transpose(1, 2).to(self.out_proj.weight.dtype))
+
+
+class MultiScanMamba(nn.Module):
+    """Mamba with shared in/out projections and one :class:`SSMBranch` per sequence order.
+
+    The caller passes the sequences in the branches' orders as ``permutations``: index
+    tensors of length L (``None`` for the identity); branch i reads ``x[..., perm_i]`` and
+    its output is put back in the original order before the branch outputs are summed.
+    This is SegMamba's Tri-orientated Mamba (Xing et al. 2024, Sec. 2.2, Eq. 2) with three
+    branches (forward, reversed, inter-slice). Input/output (batch, L, d_model).
+    """
+
+    def __init__(self, d_model: int, num_branches: int, d_state: int = 16, d_conv: int = 4,
+                 expand: int = 2, dt_rank="auto", bias: bool = False,
+                 scan_backend: Optional[str] = None):
+        super().__init__()
+        self.d_inner = int(expand * d_model)
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias)
+        self.branches = nn.ModuleList(
+            SSMBranch(self.d_inner, d_state, d_conv, _dt_rank(d_model, dt_rank),
+                      scan_backend=scan_backend) for _ in range(num_branches))
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
+
+    def forward(self, hidden_states: torch.Tensor,
+                permutations: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
+        if len(permutations) != len(self.branches):
+            raise ValueError(f"{len(self.branches)} branches but {len(permutations)} orders")
+        xz = self.in_proj(hidden_states).transpose(1, 2)
+        out = 0
+        for branch, perm in zip(self.branches, permutations):
+            xz_p = xz if perm is None else xz[..., perm]
+            x, z = xz_p.chunk(2, dim=1)
+            y = branch.ssm(x, z)
+            if perm is not None:
+                y = torch.empty_like(y).index_copy_(-1, perm, y)
+            out = out + y
+        return self.out_proj(out.transpose(1, 2).to(self.out_proj.weight.dtype))

@@ -1,0 +1,344 @@
+"""The selective scan of Mamba (Gu & Dao 2023, Algorithm 2) behind one function.
+
+``selective_scan`` has the signature and semantics of
+``mamba_ssm.ops.selective_scan_interface.selective_scan_fn``::
+
+    delta = softplus(delta + delta_bias)            (bias and softplus optional)
+    h_t   = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t      h_0 = 0
+    y_t   = <C_t, h_t> + D * u_t
+    out   = y * silu(z)                              (gate optional)
+
+with u, delta, z: (batch, dim, L); A: (dim, N); B, C: (batch, N, L) or grouped
+(batch, G, N, L); D, delta_bias: (dim,).  The output has u's dtype.
+
+Backends
+--------
+``mamba_ssm``
+    The fused CUDA kernel of the mamba-ssm package. Used automatically for CUDA
+    tensors when ``mamba_ssm`` imports.
+``torch``
+    Pure PyTorch, any device. A chunked scan: the sequence is cut into K chunks
+    of T ~ sqrt(L) steps; every chunk is scanned from a zero state at once
+    (T vectorised steps), the chunk end states are chained (K small steps) and
+    the carried state is added back through the within-chunk decay products,
+    which are <= 1, so nothing can overflow. The result is the sequential
+    recurrence up to float rounding. Channels are processed in blocks so
+    that the (batch, block, L, N) work buffers stay under a memory budget,
+    and the backward pass recomputes the states instead of storing them
+    (custom autograd function), so the autograd graph holds only the inputs.
+    It computes in float32 (float64 for float64 inputs) whatever the input
+    dtype, so bf16/fp16 autocast cannot overflow the state.
+
+``backend=None`` picks ``mamba_ssm`` for CUDA tensors when it imports, ``torch``
+otherwise. The environment variable ``NNUNET_MAMBA_SCAN_BACKEND`` (``torch`` or
+``mamba_ssm``; ``auto`` or empty for the default) forces a backend for every
+call without an explicit ``backend``. ``NNUNET_MAMBA_SCAN_MEMORY_MB`` (default
+1024) is the work-buffer budget of the torch backend.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+BACKEND_ENV = "NNUNET_MAMBA_SCAN_BACKEND"
+MEMORY_ENV = "NNUNET_MAMBA_SCAN_MEMORY_MB"
+BACKENDS = ("torch", "mamba_ssm")
+
+
+class ScanBackendError(RuntimeError):
+    """A scan backend was requested where it cannot run."""
+
+
+# ----------------------------------------------------------------------------------------
+# backend discovery
+# ----------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _mamba_ssm_scan():
+    """(selective_scan_fn, None) when mamba-ssm's CUDA kernel imports, else (None, why)."""
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except Exception as e:  # ImportError, or an undefined CUDA symbol from a bad build
+        return None, f"mamba_ssm does not import ({type(e).__name__}: {e})"
+    return selective_scan_fn, None
+
+
+def backend_status(device: torch.device | str) -> dict[str, tuple[bool, str]]:
+    """For each backend, whether it can run on ``device`` and why (or why not)."""
+    device = torch.device(device)
+    status = {"torch": (True, "pure PyTorch, runs on every device")}
+    if device.type != "cuda":
+        status["mamba_ssm"] = (False, f"the fused kernel needs CUDA tensors, not {device.type}")
+    elif not torch.cuda.is_available():
+        status["mamba_ssm"] = (False, "CUDA is not available to torch")
+    else:
+        fn, why = _mamba_ssm_scan()
+        status["mamba_ssm"] = (fn is not None, why or "fused CUDA kernel of mamba-ssm")
+    return status
+
+
+def resolve_backend(backend: Optional[str], device: torch.device | str) -> str:
+    """The backend that ``selective_scan(..., backend=backend)`` runs on ``device``.
+
+    ``backend`` None means: the environment variable if set, else the best available.
+    Asking for a backend that cannot run raises :class:`ScanBackendError` with the reason.
+    """
+    if backend is None:
+        backend = os.environ.get(BACKEND_ENV, "").strip() or "auto"
+        source = f"environment variable {BACKEND_ENV}"
+    else:
+        source = "backend argument"
+    if backend == "auto":
+        ok, _ = backend_status(device)["mamba_ssm"]
+        return "mamba_ssm" if ok else "torch"
+    if backend not in BACKENDS:
+        raise ScanBackendError(
+            f"unknown selective-scan backend {backend!r} (from the {source}); "
+            f"choose one of {', '.join(BACKENDS)} or 'auto'"
+        )
+    ok, why = backend_status(device)[backend]
+    if not ok:
+        raise ScanBackendError(
+            f"selective-scan backend {backend!r} (from the {source}) cannot run on "
+            f"{torch.device(device)}: {why}. Use backend='torch', or unset {BACKEND_ENV}; "
+            "for the fused kernel install mamba-ssm and causal-conv1d built for your CUDA "
+            "(see the README, 'GPU install')."
+        )
+    return backend
+
+
+# ----------------------------------------------------------------------------------------
+# chunked linear recurrence (the torch backend's core)
+# ----------------------------------------------------------------------------------------
+def _chunk_len(L: int) -> int:
+    return max(8, int(math.ceil(math.sqrt(L))))
+
+
+def _to_chunks(x: torch.Tensor, T: int) -> torch.Tensor:
+    """(b, c, L_pad) -> (T, K, b, c): step-major layout, so x[t] is one contiguous step."""
+    b, c, Lp = x.shape
+    return x.reshape(b, c, Lp // T, T).permute(3, 2, 0, 1).contiguous()
+
+
+def _from_chunks(x: torch.Tensor) -> torch.Tensor:
+    """(T, K, b, c) -> (b, c, K*T)."""
+    T, K, b, c = x.shape
+    return x.permute(2, 3, 1, 0).reshape(b, c, K * T)
+
+
+def _linear_scan_(a: torch.Tensor, h: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+    """In place: h_t <- a_t * h_{t-1} + h_t over the flattened (T, K) sequence.
+
+    ``a`` and ``h`` have shape (T, K, ...), step t of chunk k being element k*T + t.
+    With ``reverse`` the recurrence runs backwards: h_t <- a_t * h_{t+1} + h_t.
+    Returns the state carried past the last step (forward: end, reverse: start).
+    """
+    T, K = a.shape[:2]
+    steps = range(T - 2, -1, -1) if reverse else range(1, T)
+    for t in steps:  # all chunks at once, from a zero state
+        prev = t + 1 if reverse else t - 1
+        h[t].addcmul_(a[t], h[prev])
+    # decay from the chunk's entry to each step (inclusive), <= 1 in magnitude
+    P = a.clone()
+    last = 0 if reverse else T - 1
+    for t in steps:
+        P[t].mul_(P[t + 1 if reverse else t - 1])
+    # chain the chunk states
+    carry = torch.zeros_like(h[0, 0])
+    carries = torch.empty_like(h[0])
+    chunks = range(K - 1, -1, -1) if reverse else range(K)
+    for k in chunks:
+        carries[k] = carry
+        carry = torch.addcmul(h[last, k], P[last, k], carry)
+    h.addcmul_(P, carries.unsqueeze(0))
+    return carry
+
+
+def _shift(h: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+    """x_{t-1} (x_{t+1} with ``reverse``) in (T, K, ...) layout, zero at the sequence edge."""
+    out = torch.empty_like(h)
+    if not reverse:
+        out[1:] = h[:-1]
+        out[0, 1:] = h[-1, :-1]
+        out[0, 0] = 0
+    else:
+        out[:-1] = h[1:]
+        out[-1, :-1] = h[0, 1:]
+        out[-1, -1] = 0
+    return out
+
+
+def _channel_block(batch: int, L: int, N: int, dim: int, itemsize: int, buffers: int) -> int:
+    budget = float(os.environ.get(MEMORY_ENV, "1024")) * 2**20
+    per_channel = buffers * batch * L * N * itemsize
+    return int(max(1, min(dim, budget // max(per_channel, 1))))
+
+
+class _ChunkedSelectiveScan(torch.autograd.Function):
+    """y = sum_n C h, h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t; recomputing backward.
+
+    u, delta: (b, d, L); A: (d, N); B, C: (b, N, L), all one float dtype.
+    Returns y: (b, d, L) and the last state (b, d, N).
+    """
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C):
+        b, d, L = u.shape
+        N = A.shape[1]
+        T = _chunk_len(L)
+        Lp = -(-L // T) * T
+        pad = Lp - L
+        if pad:  # delta = 0 -> decay 1 and no input: padded steps leave the state alone
+            u, delta = F.pad(u, (0, pad)), F.pad(delta, (0, pad))
+            B, C = F.pad(B, (0, pad)), F.pad(C, (0, pad))
+        Bc = _to_chunks(B, T).unsqueeze(3)  # (T, K, b, 1, N)
+        Cc = _to_chunks(C, T).unsqueeze(3)
+        y = torch.empty(b, d, Lp, dtype=u.dtype, device=u.device)
+        last = torch.empty(b, d, N, dtype=u.dtype, device=u.device)
+        step = _channel_block(b, Lp, N, d, u.element_size(), buffers=4)
+        for d0 in range(0, d, step):
+            sl = slice(d0, min(d, d0 + step))
+            a, h = _decay_and_input(u[:, sl], delta[:, sl], A[sl], Bc, T)
+            last[:, sl] = _linear_scan_(a, h)
+            del a
+            y[:, sl] = _from_chunks(h.mul_(Cc).sum(-1))
+            del h
+        ctx.save_for_backward(u, delta, A, B, C)
+        ctx.L = L
+        return y[..., :L], last
+
+    @staticmethod
+    def backward(ctx, dy, dlast):
+        u, delta, A, B, C = ctx.saved_tensors
+        L = ctx.L
+        b, d, Lp = u.shape
+        N = A.shape[1]
+        T = _chunk_len(L)
+        dy = F.pad(dy.to(u.dtype), (0, Lp - L))
+        Bc = _to_chunks(B, T).unsqueeze(3)
+        Cc = _to_chunks(C, T).unsqueeze(3)
+        du = torch.empty_like(u)
+        ddelta = torch.empty_like(delta)
+        dA = torch.empty_like(A)
+        dB = torch.zeros_like(Bc.squeeze(3))  # (T, K, b, N)
+        dC = torch.zeros_like(dB)
+        step = _channel_block(b, Lp, N, d, u.element_size(), buffers=6)
+        for d0 in range(0, d, step):
+            sl = slice(d0, min(d, d0 + step))
+            uc, dc = _to_chunks(u[:, sl], T), _to_chunks(delta[:, sl], T)
+            dyc = _to_chunks(dy[:, sl], T).unsqueeze(-1)  # (T, K, b, db, 1)
+            a, h = _decay_and_input(u[:, sl], delta[:, sl], A[sl], Bc, T)
+            _linear_scan_(a, h)
+            dC += (h * dyc).sum(3)
+            h_prev = _shift(h)
+            del h
+            # adjoint: dh_t = C_t dy_t + a_{t+1} dh_{t+1}  (+ dlast at the final step)
+            dh = Cc * dyc
+            if dlast is not None:
+                Kl, tl = divmod(L - 1, T)
+                dh[tl, Kl] += dlast[:, sl].to(dh.dtype)
+            _linear_scan_(_shift(a, reverse=True), dh, reverse=True)
+            dB += (dh * (uc * dc).unsqueeze(-1)).sum(3)
+            s = (dh * Bc).sum(-1)  # (T, K, b, db)
+            du[:, sl] = _from_chunks(dc * s)
+            w = h_prev.mul_(dh).mul_(a)  # d loss / d(delta_t A), (T, K, b, db, N)
+            del a, dh
+            dA[sl] = (w * dc.unsqueeze(-1)).sum((0, 1, 2))
+            ddelta[:, sl] = _from_chunks(uc * s + w.mul_(A[sl]).sum(-1))
+            del w
+        dB = _from_chunks(dB)[..., :L]
+        dC = _from_chunks(dC)[..., :L]
+        return du[..., :L], ddelta[..., :L], dA, dB, dC
+
+
+def _decay_and_input(u, delta, A, Bc, T):
+    """a = exp(delta A) and x = delta u B in (T, K, b, db, N) layout."""
+    dc = _to_chunks(delta, T).unsqueeze(-1)
+    a = torch.mul(dc, A).exp_()
+    x = torch.mul(_to_chunks(delta * u, T).unsqueeze(-1), Bc)
+    return a, x
+
+
+def _scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+    dtype_in = u.dtype
+    work = torch.float64 if torch.float64 in (u.dtype, delta.dtype, A.dtype) else torch.float32
+    with torch.autocast(device_type=u.device.type, enabled=False):
+        u_, delta_ = u.to(work), delta.to(work)
+        if delta_bias is not None:
+            delta_ = delta_ + delta_bias.to(work)[:, None]
+        if delta_softplus:
+            delta_ = F.softplus(delta_)
+        A_, B_, C_ = A.to(work), B.to(work), C.to(work)
+        if B_.dim() == 4 or C_.dim() == 4:  # grouped B/C: (b, G, N, L)
+            G = (B_ if B_.dim() == 4 else C_).shape[1]
+            dim = u_.shape[1]
+            if dim % G:
+                raise ValueError(f"dim {dim} is not divisible by the {G} groups of B/C")
+            Bg = B_ if B_.dim() == 4 else B_.unsqueeze(1).expand(-1, G, -1, -1)
+            Cg = C_ if C_.dim() == 4 else C_.unsqueeze(1).expand(-1, G, -1, -1)
+            per = dim // G
+            parts = [
+                _ChunkedSelectiveScan.apply(
+                    u_[:, g * per:(g + 1) * per], delta_[:, g * per:(g + 1) * per],
+                    A_[g * per:(g + 1) * per], Bg[:, g], Cg[:, g])
+                for g in range(G)
+            ]
+            y = torch.cat([p[0] for p in parts], 1)
+            last = torch.cat([p[1] for p in parts], 1)
+        else:
+            y, last = _ChunkedSelectiveScan.apply(u_, delta_, A_, B_, C_)
+        if D is not None:
+            y = y + u_ * D.to(work)[:, None]
+        if z is not None:
+            y = y * F.silu(z.to(work))
+    y = y.to(dtype_in)
+    return (y, last) if return_last_state else y
+
+
+def _check_shapes(u, delta, A, B, C, D, z, delta_bias):
+    if u.dim() != 3:
+        raise ValueError(f"u must be (batch, dim, L), got shape {tuple(u.shape)}")
+    b, d, L = u.shape
+    if delta.shape != u.shape:
+        raise ValueError(f"delta must have u's shape {tuple(u.shape)}, got {tuple(delta.shape)}")
+    if A.dim() != 2 or A.shape[0] != d:
+        raise ValueError(f"A must be (dim={d}, N), got {tuple(A.shape)}")
+    N = A.shape[1]
+    for name, M in (("B", B), ("C", C)):
+        ok = (M.dim() == 3 and M.shape == (b, N, L)) or (
+            M.dim() == 4 and M.shape[0] == b and M.shape[2:] == (N, L))
+        if not ok:
+            raise ValueError(
+                f"{name} must be (batch={b}, N={N}, L={L}) or (batch, groups, N, L), "
+                f"got {tuple(M.shape)}")
+    for name, v in (("D", D), ("delta_bias", delta_bias)):
+        if v is not None and v.shape != (d,):
+            raise ValueError(f"{name} must be (dim={d},), got {tuple(v.shape)}")
+    if z is not None and z.shape != u.shape:
+        raise ValueError(f"z must have u's shape {tuple(u.shape)}, got {tuple(z.shape)}")
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   return_last_state=False, backend: Optional[str] = None):
+    """Selective scan with ``mamba_ssm``'s ``selective_scan_fn`` semantics; see the module doc.
+
+    Shapes: u, delta, z (batch, dim, L); A (dim, N); B, C (batch, N, L) or (batch, G, N, L);
+    D, delta_bias (dim,). Returns out (batch, dim, L) in u's dtype, and with
+    ``return_last_state`` also the final state (batch, dim, N) in float32.
+    """
+    _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+    name = resolve_backend(backend, u.device)
+    if name == "mamba_ssm":
+        fn, _ = _mamba_ssm_scan()
+        with torch.autocast(device_type="cuda", enabled=False):
+            return fn(u.contiguous(), delta.contiguous(), A.float().contiguous(),
+                      B.contiguous(), C.contiguous(),
+                      None if D is None else D.float().contiguous(),
+                      None if z is None else z.contiguous(),
+                      None if delta_bias is None else delta_bias.float().contiguous(),
+                      delta_softplus, return_last_state)
+    return _scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)

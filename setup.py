@@ -1,0 +1,25 @@
+"""Packaging glue beyond setup.cfg: ship ``nnunet_mamba_register.pth``.
+
+The .pth file makes every Python start of this environment append our trainer folder to
+``nnUNet_extTrainer`` (keeping the user's value), so stock nnunetv2 finds our trainers
+without any manual step. See nnunet_mamba/_register.py.
+"""
+import os
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+PTH = "nnunet_mamba_register.pth"
+
+
+class build_py_with_pth(build_py):
+    def run(self):
+        super().run()
+        here = os.path.dirname(os.path.abspath(__file__))
+        self.copy_file(os.path.join(here, "nnunet_mamba", PTH), os.path.join(self.build_lib, PTH))
+
+    def get_outputs(self, include_bytecode=1):
+        return super().get_outputs(include_bytecode) + [os.path.join(self.build_lib, PTH)]
+
+
+setup(cmdclass={"build_py": build_py_with_pth})
