@@ -1,0 +1,1 @@
+"""nnU-Net trainer machinery shared by all nnunet-mamba trainers."""

@@ -1,0 +1,159 @@
+"""The base of every nnunet-mamba trainer: nnU-Net's own trainer with a network chosen by
+the subclass and its optimiser settings as class attributes.
+
+A trainer only says *which* network and *which* hyperparameters::
+
+    class nnMambaTrainer(MambaTrainerBase):
+        network_class = nnMambaSeg
+        optimizer = "adam"; initial_lr = 2e-3; weight_decay = 1e-3; num_epochs = 100
+
+Everything else (planning, preprocessing, data loading, augmentation, splits, validation,
+checkpoints, ``--c``, prediction, ensembling) is nnU-Net's. The network is built by
+:meth:`build_network_architecture` (nnU-Net >= 2.7 signature; a classmethod so that the
+predictor, which calls it on the class, builds the same network). Networks that do not
+follow nnU-Net's pooling for deep supervision declare their output scales with an
+attribute ``ds_scales`` (relative resolutions, finest first); networks without deep
+supervision set ``supports_deep_supervision = False`` on the trainer.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+from typing import Any, ClassVar, Optional
+
+import torch
+from torch import nn
+
+MIN_NNUNETV2 = (2, 8)
+
+
+def _parse(version: str) -> tuple[int, ...]:
+    parts = []
+    for p in version.split(".")[:3]:
+        digits = "".join(ch for ch in p if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def require_nnunetv2(version: Optional[str] = None) -> str:
+    """Raise a clear error when the installed nnunetv2 is older than 2.8."""
+    if version is None:
+        try:
+            version = importlib.metadata.version("nnunetv2")
+        except importlib.metadata.PackageNotFoundError:
+            raise ImportError("nnunet-mamba trainers need nnunetv2: pip install 'nnunetv2>=2.8'") from None
+    if _parse(version) < MIN_NNUNETV2:
+        raise ImportError(
+            f"nnunet-mamba trainers need nnunetv2>=2.8 but nnunetv2 {version} is installed: its "
+            "trainer lookup and build_network_architecture signature differ. "
+            "Fix: pip install -U 'nnunetv2>=2.8'")
+    return version
+
+
+require_nnunetv2()
+
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler  # noqa: E402
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer  # noqa: E402
+
+
+def unwrap(network: nn.Module) -> nn.Module:
+    """The plain module inside DDP and/or torch.compile wrappers."""
+    if hasattr(network, "module") and isinstance(network, nn.parallel.DistributedDataParallel):
+        network = network.module
+    return getattr(network, "_orig_mod", network)
+
+
+class MambaTrainerBase(nnUNetTrainer):
+    """nnU-Net trainer whose network and optimiser settings come from class attributes.
+
+    Subclasses set ``network_class`` (called as ``network_class(in_channels, num_classes,
+    deep_supervision=..., **network_kwargs)``) or override :meth:`build_network`, and may set
+    ``optimizer`` ('sgd', 'adam', 'adamw', 'radam'), ``initial_lr``, ``weight_decay``,
+    ``num_epochs``, ``num_iterations_per_epoch``, ``num_val_iterations_per_epoch``.
+    """
+
+    network_class: ClassVar[Optional[type]] = None
+    network_kwargs: ClassVar[dict[str, Any]] = {}
+    supports_deep_supervision: ClassVar[bool] = True
+    optimizer_name: ClassVar[str] = "sgd"
+    hyperparameters: ClassVar[dict[str, Any]] = {}
+    """overrides of nnU-Net's instance attributes, e.g. {'initial_lr': 2e-3, 'num_epochs': 100}"""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        for name, value in self.hyperparameters.items():
+            if not hasattr(self, name):
+                raise AttributeError(f"{type(self).__name__}: unknown hyperparameter {name!r}")
+            setattr(self, name, value)
+        if not self.supports_deep_supervision:
+            self.enable_deep_supervision = False
+
+    # ---- network -------------------------------------------------------------------------
+    @classmethod
+    def build_network(cls, plans_manager, configuration_manager, num_input_channels: int,
+                      num_output_channels: int, enable_deep_supervision: bool) -> nn.Module:
+        if cls.network_class is None:
+            raise NotImplementedError(f"{cls.__name__} sets no network_class")
+        return cls.network_class(num_input_channels, num_output_channels,
+                                 deep_supervision=enable_deep_supervision, **cls.network_kwargs)
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager, configuration_manager,
+                                   num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> nn.Module:
+        return cls.build_network(plans_manager, configuration_manager, num_input_channels,
+                                 num_output_channels,
+                                 enable_deep_supervision and cls.supports_deep_supervision)
+
+    def _get_deep_supervision_scales(self):
+        if not self.enable_deep_supervision:
+            return None
+        scales = getattr(unwrap(self.network), "ds_scales", None) if self.network is not None else None
+        if scales is None:
+            return super()._get_deep_supervision_scales()
+        dim = len(self.configuration_manager.patch_size)
+        return [[float(s)] * dim for s in scales]
+
+    def set_deep_supervision_enabled(self, enabled: bool):
+        if not self.supports_deep_supervision:
+            return
+        super().set_deep_supervision_enabled(enabled)
+
+    # ---- optimiser -----------------------------------------------------------------------
+    def configure_optimizers(self):
+        params = self.network.parameters()
+        name = self.optimizer_name
+        if name == "sgd":
+            opt = torch.optim.SGD(params, self.initial_lr, weight_decay=self.weight_decay,
+                                  momentum=0.99, nesterov=True)
+        elif name == "adam":
+            opt = torch.optim.Adam(params, self.initial_lr, weight_decay=self.weight_decay)
+        elif name == "adamw":
+            opt = torch.optim.AdamW(params, self.initial_lr, weight_decay=self.weight_decay)
+        elif name == "radam":
+            opt = torch.optim.RAdam(params, self.initial_lr, weight_decay=self.weight_decay)
+        else:
+            raise ValueError(f"{type(self).__name__}: unknown optimizer {name!r}")
+        return opt, PolyLRScheduler(opt, self.initial_lr, self.num_epochs)
+
+
+#: short variants made for every trainer (nnU-Net's naming: ``<Trainer>_1epoch`` ...)
+SHORT_VARIANTS: dict[str, dict[str, Any]] = {
+    "1epoch": {"num_epochs": 1},
+    "5epochs": {"num_epochs": 5},
+    # a few CPU iterations for tests and CI: 1 epoch of 2 training and 1 validation batches
+    "smoke": {"num_epochs": 1, "num_iterations_per_epoch": 2, "num_val_iterations_per_epoch": 1},
+    # the CPU demo: 8 short epochs
+    "demo": {"num_epochs": 8, "num_iterations_per_epoch": 12, "num_val_iterations_per_epoch": 2},
+}
+
+
+def short_variants(trainer: type, module: str) -> dict[str, type]:
+    """``{name: class}`` of the short variants of ``trainer`` (put them in a module's globals)."""
+    out = {}
+    for suffix, overrides in SHORT_VARIANTS.items():
+        name = f"{trainer.__name__}_{suffix}"
+        hp = {**getattr(trainer, "hyperparameters", {}), **overrides}
+        out[name] = type(name, (trainer,), {"hyperparameters": hp, "__module__": module,
+                                             "__doc__": f"{trainer.__name__} with {overrides}."})
+    return out
