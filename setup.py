@@ -32,6 +32,7 @@ class editable_wheel_with_pth(editable_wheel):
         self.copy_file(os.path.join(here, "nnunet_mamba", PTH), os.path.join(installation_dir, PTH))
 
 
-setup(packages=find_packages(include=["nnunet_mamba", "nnunet_mamba.*"]) + ["nnunet_mamba_trainers"],
-      package_dir={"nnunet_mamba_trainers": "trainers"},
+setup(packages=find_packages(include=["nnunet_mamba", "nnunet_mamba.*"]) + ["nnunet_mamba_trainers", "nnunet_mamba_plans"],
+      package_dir={"nnunet_mamba_trainers": "trainers", "nnunet_mamba_plans": "plans"},
+      package_data={"nnunet_mamba_plans": ["*.json"]},
       cmdclass={"build_py": build_py_with_pth, "editable_wheel": editable_wheel_with_pth})

@@ -13,6 +13,7 @@ scan parameters (:class:`SSMBranch`) per scan order, the branch outputs summed.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Optional, Sequence
@@ -88,12 +89,19 @@ class SSMBranch(nn.Module):
         dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # bias goes into the scan
         A = -torch.exp(self.A_log.float())
         work = torch.promote_types(x.dtype, torch.float32)
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with _autocast_off(x.device):
             return selective_scan(
                 x.to(work), dt.to(work), A.to(work), B.transpose(1, 2).to(work),
                 C.transpose(1, 2).to(work), self.D.to(work), z=z.to(work),
                 delta_bias=self.dt_proj.bias.to(work), delta_softplus=True,
                 backend=self.scan_backend)
+
+
+def _autocast_off(device: torch.device):
+    """Disable autocast around the scan (float32 state); a no-op on devices without autocast."""
+    if device.type in ("cuda", "cpu", "xpu", "mps"):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _dt_rank(d_model: int, dt_rank) -> int:

@@ -1,0 +1,117 @@
+"""``nnmamba plans``: apply a plans preset to a planned nnU-Net dataset.
+
+A preset (JSON in the ``plans/`` folder, e.g. ``paper``) changes one configuration of
+nnU-Net's planned plans -- patch size and batch size -- and writes them under a new plans
+identifier (``<source>_<suffix>``, for ``nnUNetv2_train -p``). The network topology that
+nnU-Net's own trainers read from the plans (stages, pooling, kernel sizes) is recomputed
+for the new patch with nnU-Net's planner function ``get_pool_and_conv_props``, so
+``nnUNetTrainer`` on the same plans is a fair baseline. The spacing and the preprocessed
+data are unchanged: no new preprocessing is needed.
+
+    nnmamba plans apply paper -d 501          # writes nnUNetPlans_nnMambaPaper.json
+    nnUNetv2_train 501 3d_fullres 0 -tr nnMambaTrainer -p nnUNetPlans_nnMambaPaper
+"""
+from __future__ import annotations
+
+import copy
+import importlib.resources
+import json
+import os
+from pathlib import Path
+
+from .errors import UserError
+
+
+def available_presets() -> dict[str, dict]:
+    root = importlib.resources.files("nnunet_mamba_plans")
+    return {p.name[:-5]: json.loads(p.read_text()) for p in root.iterdir() if p.name.endswith(".json")}
+
+
+def _extend(seq, n):
+    seq = list(seq)
+    return (seq + [seq[-1]] * n)[:n]
+
+
+def apply_preset(plans: dict, preset: dict) -> tuple[dict, list[str]]:
+    """Return (new plans, notes). ``plans`` is nnU-Net's plans dict; it is not modified."""
+    from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
+
+    conf_name = preset["configuration"]
+    if conf_name not in plans["configurations"]:
+        raise UserError(f"the plans have no configuration {conf_name!r} "
+                        f"(have: {', '.join(plans['configurations'])})")
+    new = copy.deepcopy(plans)
+    conf = new["configurations"][conf_name]
+    if "inherits_from" in conf:
+        raise UserError(f"configuration {conf_name!r} inherits from another; apply the preset to "
+                        f"{conf['inherits_from']!r}")
+    notes = []
+    spacing = conf["spacing"]
+    want = list(preset["patch_size"])
+    if len(want) != len(spacing):
+        raise UserError(f"preset patch {want} does not match the {len(spacing)}D configuration")
+    _, pools, kernels, patch, _ = get_pool_and_conv_props(spacing, want, 4, 999999)
+    patch = [int(p) for p in patch]
+    if patch != want:
+        notes.append(f"patch {want} is not divisible by the pooling nnU-Net plans for spacing "
+                     f"{spacing}; using {patch}")
+    conf["patch_size"] = patch
+    conf["batch_size"] = int(preset["batch_size"])
+    arch = conf["architecture"]["arch_kwargs"]
+    n = len(pools)
+    feats = list(arch["features_per_stage"])
+    arch.update({
+        "n_stages": n,
+        "features_per_stage": [min(max(feats), feats[0] * 2 ** i) for i in range(n)],
+        "kernel_sizes": [list(map(int, k)) for k in kernels],
+        "strides": [list(map(int, s)) for s in pools],
+        "n_conv_per_stage": _extend(arch["n_conv_per_stage"], n),
+        "n_conv_per_stage_decoder": _extend(arch["n_conv_per_stage_decoder"], n - 1),
+    })
+    new["plans_name"] = f"{plans['plans_name']}_{preset['plans_suffix']}"
+    return new, notes
+
+
+def add_arguments(parser) -> None:
+    sub = parser.add_subparsers(dest="action", required=True)
+    ap = sub.add_parser("apply", help="write a new plans file from a preset")
+    ap.add_argument("preset", help="preset name (see 'nnmamba plans list')")
+    ap.add_argument("-d", "--dataset", required=True, help="dataset id or DatasetXXX_Name")
+    ap.add_argument("--source", default="nnUNetPlans", help="plans identifier to start from")
+    sub.add_parser("list", help="list the presets")
+
+
+def _dataset_folder(dataset: str) -> Path:
+    root = os.environ.get("nnUNet_preprocessed")
+    if not root:
+        raise UserError("nnUNet_preprocessed is not set; export it as for nnU-Net itself")
+    try:
+        from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+        name = maybe_convert_to_dataset_name(dataset)
+    except Exception as e:
+        raise UserError(f"dataset {dataset!r} not found: {e}") from None
+    return Path(root) / name
+
+
+def run(args) -> int:
+    presets = available_presets()
+    if args.action == "list":
+        for name, p in sorted(presets.items()):
+            print(f"{name}: {p['description']}")
+        return 0
+    if args.preset not in presets:
+        raise UserError(f"unknown preset {args.preset!r}; known: {', '.join(sorted(presets))}")
+    folder = _dataset_folder(args.dataset)
+    src = folder / f"{args.source}.json"
+    if not src.exists():
+        raise UserError(f"{src} does not exist: run nnUNetv2_plan_and_preprocess -d {args.dataset} first")
+    new, notes = apply_preset(json.loads(src.read_text()), presets[args.preset])
+    out = folder / f"{new['plans_name']}.json"
+    out.write_text(json.dumps(new, indent=2))
+    for note in notes:
+        print(f"note: {note}")
+    conf = new["configurations"][presets[args.preset]["configuration"]]
+    print(f"wrote {out}\n  {presets[args.preset]['configuration']}: patch {conf['patch_size']}, "
+          f"batch {conf['batch_size']}\nuse it with: nnUNetv2_train {args.dataset} "
+          f"{presets[args.preset]['configuration']} FOLD -tr nnMambaTrainer -p {new['plans_name']}")
+    return 0
