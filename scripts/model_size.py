@@ -13,60 +13,10 @@ forward (slow at 128^3).
 from __future__ import annotations
 
 import argparse
-import math
-from unittest import mock
 
 import torch
-from torch import nn
 
-
-def count_params(net: nn.Module) -> int:
-    return sum(p.numel() for p in net.parameters())
-
-
-def count_macs(net: nn.Module, input_shape) -> int:
-    """Multiply-adds of every Conv*/Linear call during one forward on the meta device."""
-    total = 0
-
-    def conv_hook(m, inp, out):
-        nonlocal total
-        k = math.prod(m.kernel_size) * (m.in_channels // m.groups)
-        if isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
-            x = inp[0]
-            total += x.numel() * math.prod(m.kernel_size) * (m.out_channels // m.groups)
-        else:
-            total += out.numel() * k
-
-    def linear_hook(m, inp, out):
-        nonlocal total
-        total += out.numel() * m.in_features
-
-    def dt_proj_hook(branch):  # SSMBranch applies dt_proj.weight functionally
-        def hook(m, inp, out):
-            nonlocal total
-            total += (out.numel() // out.shape[-1]) * branch.dt_proj.weight.numel()
-        return hook
-
-    from nnunet_mamba.ssm import SSMBranch
-
-    hooks = []
-    for m in net.modules():
-        if isinstance(m, SSMBranch):
-            hooks.append(m.x_proj.register_forward_hook(dt_proj_hook(m)))
-        if isinstance(m, nn.modules.conv._ConvNd):
-            hooks.append(m.register_forward_hook(conv_hook))
-        elif isinstance(m, nn.Linear):
-            hooks.append(m.register_forward_hook(linear_hook))
-    net = net.to("meta").eval()
-    # the scan has no MACs to count and no meta kernel: give back u, its output's shape
-    scan_stub = mock.patch("nnunet_mamba.ssm.mamba.selective_scan", lambda u, *a, **k: u)
-    try:
-        with torch.no_grad(), scan_stub:
-            net(torch.empty(*input_shape, device="meta"))
-    finally:
-        for h in hooks:
-            h.remove()
-    return total
+from nnunet_mamba.model_table import count_macs, count_params, trainers_table
 
 
 def build(name: str, in_channels: int, classes: int, patch):
@@ -89,7 +39,6 @@ def main(argv=None) -> int:
                    help="every registered trainer's network at BraTS plans (4 in, 3 regions)")
     args = p.parse_args(argv)
     if args.trainers_table:
-        from nnunet_mamba.model_table import trainers_table
         print(trainers_table(args.patch))
         return 0
     net = build(args.network, args.in_channels, args.classes, args.patch)
