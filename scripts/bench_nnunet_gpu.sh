@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Benchmark through the real nnU-Net commands on a GPU machine (not a test; CI never runs it).
+#
+# Synthetic BraTS 2023 cases at the real grid (240 x 240 x 155, 4 modalities), converted with
+# `nnmamba brats2023 convert`, planned and preprocessed by nnU-Net, then ONE epoch (nnU-Net's
+# 250 iterations, plus its final validation) of each trainer given as arguments, and the
+# prediction of one held-out case with `nnUNetv2_predict`. Prints the epoch time, the peak GPU
+# memory seen by nvidia-smi and the prediction time per trainer; the epoch time x the
+# trainer's epochs gives the length of a full BraTS training on this GPU.
+#
+#   bash scripts/bench_nnunet_gpu.sh WORKDIR [CASES] [TRAINER ...]
+set -euo pipefail
+WORK=${1:?usage: bench_nnunet_gpu.sh WORKDIR [CASES] [TRAINER ...]}
+CASES=${2:-10}
+shift $(( $# >= 2 ? 2 : 1 ))
+TRAINERS=("$@")
+[ ${#TRAINERS[@]} -gt 0 ] || TRAINERS=(nnUNetTrainer_1epoch nnMambaTrainer_1epoch)
+PY=${PYTHON:-python3}
+mkdir -p "$WORK"
+WORK=$(cd "$WORK" && pwd)
+export nnUNet_raw=$WORK/raw nnUNet_preprocessed=$WORK/preprocessed nnUNet_results=$WORK/results
+export nnUNet_compile=${nnUNet_compile:-false}
+ID=${DATASET_ID:-923}
+SHAPE=${SHAPE:-240 240 155}          # smaller for a dry run on a CPU
+DEVICE=${DEVICE:-cuda}
+# nnU-Net's console entry points, callable where only the modules are installed
+nnunet() { local mod=$1 fn=$2; shift 2; $PY -c "import sys; from $mod import $fn as f; sys.argv[0] = '$fn'; sys.exit(f())" "$@"; }
+
+t0=$(date +%s)
+$PY -m nnunet_mamba.cli brats2023 synth "$WORK/brats_src" --cases "$CASES" --shape $SHAPE --overwrite
+$PY -m nnunet_mamba.cli brats2023 convert "$WORK/brats_src" -d "$ID" --name BraTSBench --overwrite
+echo "synth+convert: $(( $(date +%s) - t0 )) s"
+t0=$(date +%s)
+nnunet nnunetv2.experiment_planning.plan_and_preprocess_entrypoints plan_and_preprocess_entry -d "$ID" -c 3d_fullres -np ${NP:-8} -npfp ${NP:-8}
+echo "plan+preprocess: $(( $(date +%s) - t0 )) s"
+$PY - <<EOF
+import json; p = json.load(open("$nnUNet_preprocessed/Dataset${ID}_BraTSBench/nnUNetPlans.json"))
+c = p["configurations"]["3d_fullres"]; print("plans 3d_fullres: patch", c["patch_size"], "batch", c["batch_size"])
+EOF
+
+TEST_IMG=$(ls "$nnUNet_raw/Dataset${ID}_BraTSBench/imagesTs/" | head -1 | sed 's/_0000.nii.gz//')
+mkdir -p "$WORK/one_case"
+for f in "$nnUNet_raw/Dataset${ID}_BraTSBench/imagesTs/${TEST_IMG}"_000*.nii.gz; do cp "$f" "$WORK/one_case/"; done
+
+for TR in "${TRAINERS[@]}"; do
+  LOG=$WORK/train_$TR.log
+  if command -v nvidia-smi > /dev/null; then
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 500 > "$WORK/mem_$TR.txt" &
+  else
+    sleep 100000 > "$WORK/mem_$TR.txt" &
+  fi
+  SMI=$!
+  t0=$(date +%s)
+  nnunet nnunetv2.run.run_training run_training_entry "$ID" 3d_fullres 0 -tr "$TR" -device "$DEVICE" > "$LOG" 2>&1 || { tail -40 "$LOG"; kill $SMI; exit 1; }
+  t_train=$(( $(date +%s) - t0 ))
+  kill $SMI || true
+  t0=$(date +%s)
+  nnunet nnunetv2.inference.predict_from_raw_data predict_entry_point -i "$WORK/one_case" -o "$WORK/pred_$TR" -d "$ID" \
+      -c 3d_fullres -f 0 -tr "$TR" -device "$DEVICE" > "$WORK/predict_$TR.log" 2>&1 || { tail -40 "$WORK/predict_$TR.log"; exit 1; }
+  t_pred=$(( $(date +%s) - t0 ))
+  epoch=$(grep -o "Epoch time: [0-9.]* s" "$LOG" | tail -1)
+  peak=$(sort -n "$WORK/mem_$TR.txt" | tail -1)
+  echo "RESULT $TR: ${epoch:-no epoch time} | train command incl. validation ${t_train} s | peak GPU memory ${peak} MiB (nvidia-smi) | nnUNetv2_predict one 240x240x155 case (incl. start-up, 8x mirroring) ${t_pred} s"
+done
