@@ -58,6 +58,12 @@ def apply_preset(plans: dict, preset: dict) -> tuple[dict, list[str]]:
     conf["patch_size"] = patch
     conf["batch_size"] = int(preset["batch_size"])
     arch = conf["architecture"]["arch_kwargs"]
+    needed = ("features_per_stage", "n_conv_per_stage", "n_conv_per_stage_decoder")
+    if not all(k in arch for k in needed):
+        notes.append(f"architecture {conf['architecture'].get('network_class_name')} has no U-Net "
+                     "topology kwargs; only patch and batch size changed")
+        new["plans_name"] = f"{plans['plans_name']}_{preset['plans_suffix']}"
+        return new, notes
     n = len(pools)
     feats = list(arch["features_per_stage"])
     arch.update({
