@@ -1,0 +1,326 @@
+"""BraTS region metrics: per-case, per-region Dice and HD95 (nnMamba paper, Table 1).
+
+Regions are WT = {1, 2, 3}, TC = {1, 3}, ET = {3} of the native BraTS 2023 labels.
+
+- Dice: ``2 |P & R| / (|P| + |R|)`` on the binary region masks.
+- HD95 (mm): MONAI's ``monai.metrics.compute_hausdorff_distance(..., percentile=95,
+  spacing=<image spacing>)``: the symmetric 95th-percentile Hausdorff distance, i.e. the
+  maximum of the two directed 95th percentiles of the Euclidean distances (in mm, using
+  the voxel spacing) between the edge voxels of the two masks (edge = mask minus its
+  6-neighbourhood erosion). SimpleITK reports spacing in (x, y, z) order while the arrays
+  are (z, y, x); the spacing is reversed accordingly.
+- Empty masks: MONAI returns NaN/inf there, and each benchmark fills the gap its own way;
+  the :data:`CONVENTIONS` below are selectable and recorded in the output.
+
+Both files of a case must share one voxel grid (size, spacing, origin, direction); labels
+must be integers 0-3. Anything else is an error naming the file, never a silent number.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+from .layout import REGIONS, SEG, case_file_name, is_case_id
+
+NIFTI_ENDINGS = (".nii.gz", ".nii")
+
+
+@dataclass(frozen=True)
+class EmptyMaskConvention:
+    """Dice / HD95 values used when a region is empty in the prediction and / or the reference."""
+
+    name: str
+    both_empty_dice: float
+    both_empty_hd95: float
+    one_empty_dice: float
+    one_empty_hd95: float
+    source: str
+
+
+CONVENTIONS = {
+    "brats2023": EmptyMaskConvention(
+        "brats2023", 1.0, 0.0, 0.0, 374.0,
+        "BraTS 2023 legacy whole-image metrics: both empty -> Dice 1, HD95 0; one empty -> Dice 0, HD95 374"),
+    "nnunet-v1": EmptyMaskConvention(
+        "nnunet-v1", 1.0, 0.0, 0.0, 373.12866,
+        "nnU-Net v1 BraTS evaluation: both empty -> Dice 1, HD95 0; one empty -> Dice 0, HD95 373.12866 "
+        "(the 240x240x155 image diagonal)"),
+    "segmamba": EmptyMaskConvention(
+        "segmamba", 0.0, 50.0, 0.0, 50.0,
+        "SegMamba's 5_compute_metrics.py: Dice 0, HD95 50 whenever either mask is empty, even both"),
+}
+
+
+def hd95_library() -> str:
+    """Name and version of the surface-distance implementation used for HD95."""
+    import monai
+    import monai.metrics  # noqa: F401
+
+    return (f"MONAI {monai.__version__}: monai.metrics.compute_hausdorff_distance(percentile=95, spacing=<image "
+            "spacing>, symmetric: max of the two directed 95th percentiles of edge-voxel distances in mm)")
+
+
+def dice(pred: np.ndarray, ref: np.ndarray) -> float:
+    """Dice of two boolean masks; NaN when both are empty (the conventions decide then)."""
+    total = int(np.count_nonzero(pred)) + int(np.count_nonzero(ref))
+    if total == 0:
+        return float("nan")
+    return 2.0 * int(np.count_nonzero(pred & ref)) / total
+
+
+def hd95(pred: np.ndarray, ref: np.ndarray, spacing_zyx) -> float:
+    """Symmetric HD95 in mm of two non-empty boolean masks given as (z, y, x) arrays.
+
+    ``spacing_zyx`` is the voxel size along the array axes (SimpleITK's spacing reversed).
+    """
+    import torch
+    from monai.metrics import compute_hausdorff_distance
+
+    if not pred.any() or not ref.any():
+        raise ValueError("hd95 needs two non-empty masks; empty masks are handled by the conventions")
+    if len(spacing_zyx) != pred.ndim or pred.shape != ref.shape:
+        raise ValueError(f"masks {pred.shape} / {ref.shape} and spacing {tuple(spacing_zyx)} do not match")
+    with warnings.catch_warnings():  # MONAI warns about its own use of a deprecated argument
+        warnings.simplefilter("ignore", FutureWarning)
+        value = compute_hausdorff_distance(torch.from_numpy(np.ascontiguousarray(pred))[None, None],
+                                           torch.from_numpy(np.ascontiguousarray(ref))[None, None],
+                                           include_background=True, percentile=95,
+                                           spacing=[float(s) for s in spacing_zyx])
+    value = float(value.reshape(-1)[0])
+    if not np.isfinite(value):
+        raise RuntimeError(f"MONAI returned HD95 = {value} for two non-empty masks")
+    return value
+
+
+def region_metrics(pred_labels: np.ndarray, ref_labels: np.ndarray, spacing_zyx,
+                   convention: EmptyMaskConvention | str = "brats2023") -> dict:
+    """Dice and HD95 of every region of :data:`REGIONS` for two label arrays of one case.
+
+    Returns ``{region: {"dice": float, "hd95": float, "empty": "none" | "both" | "pred" | "ref"}}``.
+    """
+    if isinstance(convention, str):
+        convention = get_convention(convention)
+    out = {}
+    for region, labels in REGIONS.items():
+        pred = np.isin(pred_labels, labels)
+        ref = np.isin(ref_labels, labels)
+        has_pred, has_ref = bool(pred.any()), bool(ref.any())
+        if has_pred and has_ref:
+            out[region] = {"dice": dice(pred, ref), "hd95": hd95(pred, ref, spacing_zyx), "empty": "none"}
+        elif not has_pred and not has_ref:
+            out[region] = {"dice": convention.both_empty_dice, "hd95": convention.both_empty_hd95, "empty": "both"}
+        else:
+            out[region] = {"dice": convention.one_empty_dice, "hd95": convention.one_empty_hd95,
+                           "empty": "pred" if not has_pred else "ref"}
+    return out
+
+
+def get_convention(name: str) -> EmptyMaskConvention:
+    try:
+        return CONVENTIONS[name]
+    except KeyError:
+        raise UserError(f"unknown empty-mask convention {name!r}; choose from {', '.join(CONVENTIONS)}") from None
+
+
+# ----------------------------------------------------------------------------- files
+
+def _strip_ending(name: str):
+    for ending in NIFTI_ENDINGS:
+        if name.endswith(ending):
+            return name[: -len(ending)]
+    return None
+
+
+def find_reference_cases(ref_dir: str | Path) -> dict[str, Path]:
+    """Reference label files by case: ``<case>.nii.gz`` files (nnU-Net labelsTs) or BraTS case folders."""
+    ref_dir = Path(ref_dir)
+    if not ref_dir.is_dir():
+        raise UserError(f"--ref {ref_dir} is not a folder")
+    flat = {}
+    for p in ref_dir.iterdir():
+        case = _strip_ending(p.name)
+        if p.is_file() and case is not None:
+            flat[case] = p
+    brats = {p.name: p / case_file_name(p.name, SEG) for p in ref_dir.iterdir()
+             if p.is_dir() and is_case_id(p.name)}
+    if flat and brats:
+        raise UserError(f"--ref {ref_dir} holds both label files and BraTS case folders; point it at one kind")
+    if brats:
+        missing = [str(f) for f in brats.values() if not f.is_file()]
+        if missing:
+            raise UserError(f"reference segmentation missing: {missing[0]} ({len(missing)} case(s) lack their "
+                            f"-seg file); add them or remove those case folders from --ref")
+        return dict(sorted(brats.items()))
+    if not flat:
+        raise UserError(f"no reference segmentations in {ref_dir} (expected <case>.nii.gz files such as an "
+                        "nnU-Net labelsTs folder, or BraTS-GLI-XXXXX-XXX/ folders with -seg.nii.gz)")
+    return dict(sorted(flat.items()))
+
+
+def find_prediction_cases(pred_dir: str | Path) -> dict[str, Path]:
+    """Prediction files by case: ``<case>.nii.gz`` (nnU-Net / BraTS submission naming)."""
+    pred_dir = Path(pred_dir)
+    if not pred_dir.is_dir():
+        raise UserError(f"--pred {pred_dir} is not a folder")
+    out = {}
+    for p in pred_dir.iterdir():
+        case = _strip_ending(p.name)
+        if p.is_file() and case is not None:
+            out[case] = p
+    return dict(sorted(out.items()))
+
+
+def _read_labels(path: Path, role: str):
+    import SimpleITK as sitk
+
+    from .convert import count_nonfinite_voxels
+
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as e:
+        raise UserError(f"cannot read {role} {path}: {str(e).strip().splitlines()[-1] if str(e).strip() else e}; "
+                        "re-export the file") from None
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise UserError(f"{role} {path} is not a 3D label image; write predictions as 3D label maps")
+    array = sitk.GetArrayFromImage(image)
+    if count_nonfinite_voxels(path):
+        raise UserError(f"{role} {path} holds NaN/inf voxels; labels must be integers 0-3")
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.array_equal(array, np.round(array)):
+            raise UserError(f"{role} {path} holds non-integer or NaN values; labels must be integers 0-3")
+    if array.size and (array.min() < 0 or array.max() > 3):
+        bad = np.unique(array[(array < 0) | (array > 3)])[:10]
+        raise UserError(f"{role} {path} holds label(s) {', '.join(f'{v:g}' for v in bad.astype(float))} outside "
+                        "0-3; BraTS 2023 labels are 0 background, 1 NCR, 2 ED, 3 ET (map ET 4 -> 3 for "
+                        "BraTS 2021-style files)")
+    geometry = {"size": image.GetSize(), "spacing": image.GetSpacing(), "origin": image.GetOrigin(),
+                "direction": image.GetDirection()}
+    return array.astype(np.uint8, copy=False), geometry
+
+
+def evaluate_case(case: str, pred_path, ref_path, convention: str = "brats2023") -> list[dict]:
+    """Rows ``{case, region, dice, hd95, empty}`` of one case (raises UserError on bad input)."""
+    from .convert import geometry_differences
+
+    conv = get_convention(convention)
+    pred, pred_geom = _read_labels(Path(pred_path), "prediction")
+    ref, ref_geom = _read_labels(Path(ref_path), "reference")
+    diffs = geometry_differences(pred_geom, ref_geom)
+    if diffs:
+        raise UserError(f"prediction {pred_path} does not lie on the grid of reference {ref_path}: "
+                        f"{'; '.join(diffs)}. Predict on the original images (nnUNetv2_predict writes them on "
+                        "the input grid) or resample the prediction onto the reference")
+    spacing_zyx = tuple(reversed(ref_geom["spacing"]))
+    metrics = region_metrics(pred, ref, spacing_zyx, conv)
+    return [{"case": case, "region": r, **m} for r, m in metrics.items()]
+
+
+def _evaluate_case_job(job):
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        return evaluate_case(*job), None
+    except UserError as e:
+        return None, str(e)
+
+
+def _stats(values) -> dict:
+    a = np.asarray(values, dtype=float)
+    return {"mean": float(a.mean()), "std": float(a.std())}
+
+
+def evaluate_folder(pred_dir, ref_dir, convention: str = "brats2023", n_jobs: int = 1) -> dict:
+    """Evaluate every reference case against its prediction; returns the summary dict.
+
+    Keys: ``convention`` (name, values, source), ``library``, ``n_cases``, ``pred_dir``,
+    ``ref_dir``, ``regions`` ({region: {labels, dice: {mean, std}, hd95: {mean, std},
+    n_empty}}), ``average`` ({dice, hd95}: the mean over WT, TC, ET of the region means,
+    as in the paper's "Average" column), ``per_case`` ({case: {region: {dice, hd95,
+    empty}}}), ``rows`` (the per_case.csv rows) and ``ignored_predictions`` (prediction files
+    without a reference). Dice is a fraction (0-1), HD95 in mm; std is the population std.
+    A reference case without a prediction is an error naming it.
+    """
+    conv = get_convention(convention)
+    refs = find_reference_cases(ref_dir)
+    preds = find_prediction_cases(pred_dir)
+    missing = [c for c in refs if c not in preds]
+    if missing:
+        raise UserError(f"{len(missing)} reference case(s) have no prediction in {pred_dir}: "
+                        f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''} "
+                        f"(expected e.g. {Path(pred_dir) / (missing[0] + '.nii.gz')}); predict them or evaluate "
+                        "against a reference folder holding only the predicted cases")
+    ignored = sorted(c for c in preds if c not in refs)
+    jobs = [(c, str(preds[c]), str(refs[c]), conv.name) for c in refs]
+    library = hd95_library()  # imports MONAI (seconds) once here, so forked workers inherit it
+    if n_jobs > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(max_workers=min(n_jobs, len(jobs))) as pool:
+            results = list(pool.map(_evaluate_case_job, jobs))
+    else:
+        results = [_evaluate_case_job(j) for j in jobs]
+    errors = [e for _, e in results if e]
+    if errors:
+        raise UserError(f"{len(errors)} case(s) could not be evaluated:\n  " + "\n  ".join(errors))
+    rows = [row for case_rows, _ in results for row in case_rows]
+    per_case = {}
+    for row in rows:
+        per_case.setdefault(row["case"], {})[row["region"]] = {k: row[k] for k in ("dice", "hd95", "empty")}
+    regions = {}
+    for region, labels in REGIONS.items():
+        region_rows = [r for r in rows if r["region"] == region]
+        regions[region] = {"labels": list(labels),
+                           "dice": _stats([r["dice"] for r in region_rows]),
+                           "hd95": _stats([r["hd95"] for r in region_rows]),
+                           "n_empty": {k: sum(r["empty"] == k for r in region_rows) for k in ("both", "pred", "ref")}}
+    return {
+        "convention": asdict(conv),
+        "library": library,
+        "dice": "2|P&R| / (|P|+|R|) on the region masks, as a fraction",
+        "n_cases": len(refs),
+        "pred_dir": str(Path(pred_dir).resolve()),
+        "ref_dir": str(Path(ref_dir).resolve()),
+        "regions": regions,
+        "average": {m: float(np.mean([regions[r][m]["mean"] for r in REGIONS])) for m in ("dice", "hd95")},
+        "per_case": per_case,
+        "rows": rows,
+        "ignored_predictions": ignored,
+    }
+
+
+def write_results(summary: dict, out_dir) -> tuple[Path, Path]:
+    """Write ``per_case.csv`` (case, region, dice, hd95) and ``summary.json`` into ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path = out_dir / "per_case.csv"
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["case", "region", "dice", "hd95"])
+        for row in summary["rows"]:
+            writer.writerow([row["case"], row["region"], f"{row['dice']:.6f}", f"{row['hd95']:.6f}"])
+    json_path = out_dir / "summary.json"
+    content = {k: v for k, v in summary.items() if k != "rows"}
+    json_path.write_text(json.dumps(content, indent=2) + "\n")
+    return csv_path, json_path
+
+
+def format_table(summary: dict) -> str:
+    """A Table-1 style text table (Dice in %, HD95 in mm, mean +- std)."""
+    lines = [f"{'region':<8}{'Dice (%)':>18}{'HD95 (mm)':>20}"]
+    for region, r in summary["regions"].items():
+        lines.append(f"{region:<8}{100 * r['dice']['mean']:>10.2f} +- {100 * r['dice']['std']:5.2f}"
+                     f"{r['hd95']['mean']:>12.2f} +- {r['hd95']['std']:6.2f}")
+    avg = summary["average"]
+    lines.append(f"{'Average':<8}{100 * avg['dice']:>10.2f}{'':9}{avg['hd95']:>12.2f}")
+    return "\n".join(lines)
+
+
+def default_jobs() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
