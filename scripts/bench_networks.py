@@ -34,11 +34,24 @@ def nnunet_default_unet(in_ch, out_ch, deep_supervision, n_stages=6):
         nonlin_kwargs={"inplace": True}, deep_supervision=deep_supervision)
 
 
-def build(name, in_ch, out_ch, ds):
+def build(name, in_ch, out_ch, ds, patch=(128, 128, 128)):
+    """'nnUNet', a class in nnunet_mamba.networks ('nnMambaSeg' or 'segmamba:SegMamba'), or
+    'trainer:NAME': the network nnU-Net trainer NAME builds for BraTS plans at ``patch``."""
     if name == "nnUNet":
         return nnunet_default_unet(in_ch, out_ch, ds)
-    from nnunet_mamba import networks
-    return getattr(networks, name)(in_ch, out_ch, deep_supervision=ds)
+    if name.startswith("trainer:"):
+        from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+        from nnunet_mamba.model_table import brats_plans
+        pm = PlansManager(brats_plans(patch))
+        cls = recursive_find_trainer_class_by_name(name.split(":", 1)[1])
+        return cls.build_network_architecture(pm, pm.get_configuration("3d_fullres"), in_ch,
+                                              out_ch, enable_deep_supervision=ds)
+    import importlib
+    module, _, cls_name = name.rpartition(":")
+    mod = importlib.import_module("nnunet_mamba.networks" + (f".{module}" if module else ""))
+    return getattr(mod, cls_name)(in_ch, out_ch, deep_supervision=ds)
 
 
 def sync(device):
@@ -150,7 +163,10 @@ def main(argv=None):
           f"torch {torch.__version__}, batch {args.batch}, patch {patch}", flush=True)
     for name in args.networks:
         torch.manual_seed(0)
-        net = build(name, 4, 3, True).to(device)
+        try:
+            net = build(name, 4, 3, True, patch).to(device)
+        except (ValueError, TypeError):  # networks without deep supervision (SegMamba, UNETR)
+            net = build(name, 4, 3, False, patch).to(device)
         params = sum(q.numel() for q in net.parameters()) / 1e6
         sec, peak = train_speed(net, device, args.batch, patch, args.iters, args.warmup)
         row = {"network": name, "params_M": round(params, 2), "s_per_iter": round(sec, 4),
