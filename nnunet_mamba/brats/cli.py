@@ -5,6 +5,9 @@
                               [--nnunet-raw DIR] [--nnunet-preprocessed DIR] [--overwrite] [-j N]
     nnmamba brats2023 evaluate --pred DIR --ref DIR [--convention brats2023|nnunet-v1|segmamba]
                                [--out DIR] [-j N]
+    nnmamba brats2023 reproduce SRC --trainers nnMambaTrainer nnUNetTrainer ... [-d ID] [--folds 5]
+                                [--work DIR] [--out DIR] [--device cuda|cpu] [--gpus N] [--plans nnUNetPlans]
+                                [--preset paper] [--convention brats2023] [-j N] [--dry-run]
 """
 from __future__ import annotations
 
@@ -61,6 +64,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("-j", "--jobs", type=int, default=default_jobs(), metavar="N",
                    help="processes (default %(default)s)")
 
+    _add_reproduce_arguments(sub)
+
+
+def _add_reproduce_arguments(sub) -> None:
+    p = sub.add_parser(
+        "reproduce", help="the paper's Table 1: convert, plan, train, predict the test split, evaluate",
+        description="The nnMamba paper's BraTS 2023 protocol (Sec. 3.2, Table 1) with stock nnU-Net, resumable: "
+                    "convert SRC (70/10/20 split), nnUNetv2_plan_and_preprocess 3d_fullres, nnUNetv2_train the "
+                    "chosen folds of every trainer (finished folds are skipped, interrupted ones continued with "
+                    "--c; one fold per GPU at a time), nnUNetv2_predict the held-out test cases (ensemble of the "
+                    "folds), Dice / HD95 per region, and the table in the paper's layout (Markdown, CSV), a box "
+                    "plot (PNG) and reproduce.json with the protocol. See docs/brats2023.md.")
+    p.add_argument("src", metavar="SRC", help="folder holding the BraTS-GLI-XXXXX-XXX case folders")
+    p.add_argument("--trainers", nargs="+", required=True, metavar="TRAINER",
+                   help="nnU-Net trainer classes, e.g. nnMambaTrainer UNETRTrainer nnUNetTrainer")
+    p.add_argument("-d", "--dataset-id", type=int, default=501, metavar="ID", help="nnU-Net dataset ID (default 501)")
+    p.add_argument("--name", default="BraTS2023GLI", help="dataset name (default BraTS2023GLI)")
+    p.add_argument("--folds", type=int, nargs="+", default=[PAPER_FOLD], metavar="F",
+                   help=f"folds to train and ensemble: {PAPER_FOLD} (default) is the paper's 70%% train -> 10%% val "
+                        "split; 0 1 2 3 4 the 5-fold cross-validation over train + val")
+    p.add_argument("--work", default=None, metavar="DIR",
+                   help="keep nnUNet_raw, nnUNet_preprocessed and nnUNet_results in DIR (default: the folders of "
+                        "the environment variables nnUNet_raw, nnUNet_preprocessed, nnUNet_results)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="table, plot, metrics, predictions and logs (default: "
+                        "$nnUNet_results/Dataset<ID>_<NAME>/reproduce_table1)")
+    p.add_argument("--convention", choices=sorted(CONVENTIONS), default="brats2023",
+                   help="values for empty masks (default brats2023)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="passed to nnU-Net's -device")
+    p.add_argument("--gpus", type=int, default=None, metavar="N",
+                   help="trainings (and predictions) run at once, one per GPU (default: all visible GPUs)")
+    p.add_argument("--plans", default="nnUNetPlans", metavar="ID", help="plans identifier (default nnUNetPlans)")
+    p.add_argument("--preset", default=None, metavar="NAME|FILE",
+                   help="plans preset applied on top of --plans (e.g. paper: patch 128^3, batch 2; or a preset "
+                        ".json file)")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"split seed (default {DEFAULT_SEED})")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--link", dest="mode", action="store_const", const="link",
+                      help="symlink the source files into nnUNet_raw (default)")
+    mode.add_argument("--copy", dest="mode", action="store_const", const="copy", help="copy the source files")
+    p.set_defaults(mode="link")
+    p.add_argument("-j", "--jobs", type=int, default=default_jobs(), metavar="N",
+                   help="processes for validation, preprocessing and evaluation (default %(default)s)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan of commands; run and write nothing")
+
 
 def run(args) -> int:
     if args.brats_command == "synth":
@@ -97,5 +145,15 @@ def run(args) -> int:
         print(f"{summary['n_cases']} case(s), convention {args.convention}; HD95 by {summary['library']}")
         print(format_table(summary))
         print(f"wrote {csv_path} and {json_path}")
+        return 0
+    if args.brats_command == "reproduce":
+        from .reproduce import ReproduceOptions, reproduce
+
+        reproduce(ReproduceOptions(
+            src=Path(args.src), trainers=tuple(args.trainers), dataset_id=args.dataset_id, name=args.name,
+            folds=tuple(args.folds), work=Path(args.work) if args.work else None,
+            out=Path(args.out) if args.out else None, convention=args.convention, device=args.device,
+            gpus=args.gpus, plans=args.plans, preset=args.preset, seed=args.seed, mode=args.mode, jobs=args.jobs,
+            dry_run=args.dry_run))
         return 0
     raise AssertionError(args.brats_command)

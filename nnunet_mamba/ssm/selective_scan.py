@@ -16,6 +16,12 @@ Backends
 ``mamba_ssm``
     The fused CUDA kernel of the mamba-ssm package. Used automatically for CUDA
     tensors when ``mamba_ssm`` imports.
+``numba``
+    Compiled CPU kernel (:mod:`nnunet_mamba.ssm.numba_scan`), used automatically for
+    CPU tensors when numba imports: sequential in L, parallel over batch x channel
+    tiles, one channel per SIMD lane. The forward pass keeps the state every T steps;
+    the backward pass recomputes each chunk of T states from its checkpoint, so it never
+    holds the (L, N) states. Compiled once per machine (cached on disk).
 ``torch``
     Pure PyTorch, any device. A chunked scan: the sequence is cut into K chunks
     of T ~ sqrt(L) steps; every chunk is scanned from a zero state at once
@@ -26,14 +32,17 @@ Backends
     that the (batch, block, L, N) work buffers stay under a memory budget,
     and the backward pass recomputes the states instead of storing them
     (custom autograd function), so the autograd graph holds only the inputs.
-    It computes in float32 (float64 for float64 inputs) whatever the input
-    dtype, so bf16/fp16 autocast cannot overflow the state.
 
-``backend=None`` picks ``mamba_ssm`` for CUDA tensors when it imports, ``torch``
-otherwise. The environment variable ``NNUNET_MAMBA_SCAN_BACKEND`` (``torch`` or
-``mamba_ssm``; ``auto`` or empty for the default) forces a backend for every
-call without an explicit ``backend``. ``NNUNET_MAMBA_SCAN_MEMORY_MB`` (default
-1024) is the work-buffer budget of the torch backend.
+The numba and torch backends compute in float32 (float64 for float64 inputs) whatever
+the input dtype, so bf16/fp16 autocast cannot overflow the state; bias, softplus, D,
+the z gate and grouped B/C are plain PyTorch autograd around the core scan.
+
+``backend=None`` picks ``mamba_ssm`` for CUDA tensors when it imports (else ``torch``),
+``numba`` for CPU tensors when numba imports (else ``torch``), ``torch`` on other
+devices. The environment variable ``NNUNET_MAMBA_SCAN_BACKEND`` (``torch``, ``numba``
+or ``mamba_ssm``; ``auto`` or empty for the default) forces a backend for every call
+without an explicit ``backend``. ``NNUNET_MAMBA_SCAN_MEMORY_MB`` (default 1024) is the
+work-buffer budget of the torch backend and of the numba backward's partial sums.
 """
 from __future__ import annotations
 
@@ -47,7 +56,7 @@ import torch.nn.functional as F
 
 BACKEND_ENV = "NNUNET_MAMBA_SCAN_BACKEND"
 MEMORY_ENV = "NNUNET_MAMBA_SCAN_MEMORY_MB"
-BACKENDS = ("torch", "mamba_ssm")
+BACKENDS = ("torch", "numba", "mamba_ssm")
 
 
 class ScanBackendError(RuntimeError):
@@ -67,10 +76,25 @@ def _mamba_ssm_scan():
     return selective_scan_fn, None
 
 
+@functools.lru_cache(maxsize=None)
+def _numba_kernels():
+    """(the numba_scan module, None) when numba imports, else (None, why)."""
+    try:
+        from . import numba_scan
+    except Exception as e:  # numba missing, or incompatible with this numpy/llvmlite
+        return None, f"numba does not import ({type(e).__name__}: {e})"
+    return numba_scan, None
+
+
 def backend_status(device: torch.device | str) -> dict[str, tuple[bool, str]]:
     """For each backend, whether it can run on ``device`` and why (or why not)."""
     device = torch.device(device)
     status = {"torch": (True, "pure PyTorch, runs on every device")}
+    if device.type != "cpu":
+        status["numba"] = (False, f"the compiled kernel needs CPU tensors, not {device.type}")
+    else:
+        mod, why = _numba_kernels()
+        status["numba"] = (mod is not None, why or "compiled CPU kernel (numba)")
     if device.type != "cuda":
         status["mamba_ssm"] = (False, f"the fused kernel needs CUDA tensors, not {device.type}")
     elif not torch.cuda.is_available():
@@ -81,20 +105,37 @@ def backend_status(device: torch.device | str) -> dict[str, tuple[bool, str]]:
     return status
 
 
+def _default_backend(device: torch.device) -> str:
+    if device.type == "cuda" and backend_status(device)["mamba_ssm"][0]:
+        return "mamba_ssm"
+    if device.type == "cpu" and backend_status(device)["numba"][0]:
+        return "numba"
+    return "torch"
+
+
+_INSTALL_HINT = {
+    "mamba_ssm": "for the fused kernel install mamba-ssm and causal-conv1d built for your CUDA "
+                 "(see the README, 'GPU install')",
+    "numba": "the numba kernel runs on CPU tensors only; for it install numba "
+             "(pip install numba)",
+}
+
+
 def resolve_backend(backend: Optional[str], device: torch.device | str) -> str:
     """The backend that ``selective_scan(..., backend=backend)`` runs on ``device``.
 
-    ``backend`` None means: the environment variable if set, else the best available.
-    Asking for a backend that cannot run raises :class:`ScanBackendError` with the reason.
+    ``backend`` None means: the environment variable if set, else the best available
+    (see the module doc). Asking for a backend that cannot run raises
+    :class:`ScanBackendError` with the reason.
     """
+    device = torch.device(device)
     if backend is None:
         backend = os.environ.get(BACKEND_ENV, "").strip() or "auto"
         source = f"environment variable {BACKEND_ENV}"
     else:
         source = "backend argument"
     if backend == "auto":
-        ok, _ = backend_status(device)["mamba_ssm"]
-        return "mamba_ssm" if ok else "torch"
+        return _default_backend(device)
     if backend not in BACKENDS:
         raise ScanBackendError(
             f"unknown selective-scan backend {backend!r} (from the {source}); "
@@ -104,9 +145,8 @@ def resolve_backend(backend: Optional[str], device: torch.device | str) -> str:
     if not ok:
         raise ScanBackendError(
             f"selective-scan backend {backend!r} (from the {source}) cannot run on "
-            f"{torch.device(device)}: {why}. Use backend='torch', or unset {BACKEND_ENV}; "
-            "for the fused kernel install mamba-ssm and causal-conv1d built for your CUDA "
-            "(see the README, 'GPU install')."
+            f"{device}: {why}. Use backend='torch' or 'auto', or unset {BACKEND_ENV}; "
+            f"{_INSTALL_HINT.get(backend, '')}."
         )
     return backend
 
@@ -130,24 +170,25 @@ def _from_chunks(x: torch.Tensor) -> torch.Tensor:
     return x.permute(2, 3, 1, 0).reshape(b, c, K * T)
 
 
-def _linear_scan_(a: torch.Tensor, h: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+def _linear_scan_(a: torch.Tensor, h: torch.Tensor, reverse: bool = False,
+                  consume_a: bool = False) -> torch.Tensor:
     """In place: h_t <- a_t * h_{t-1} + h_t over the flattened (T, K) sequence.
 
     ``a`` and ``h`` have shape (T, K, ...), step t of chunk k being element k*T + t.
     With ``reverse`` the recurrence runs backwards: h_t <- a_t * h_{t+1} + h_t.
-    Returns the state carried past the last step (forward: end, reverse: start).
+    With ``consume_a`` ``a`` is overwritten (no copy). Returns the state carried past
+    the last step (forward: end, reverse: start).
     """
     T, K = a.shape[:2]
     steps = range(T - 2, -1, -1) if reverse else range(1, T)
+    # P: decay from the chunk's entry to each step (inclusive), <= 1 in magnitude
+    P = a if consume_a else a.clone()
     for t in steps:  # all chunks at once, from a zero state
         prev = t + 1 if reverse else t - 1
-        h[t].addcmul_(a[t], h[prev])
-    # decay from the chunk's entry to each step (inclusive), <= 1 in magnitude
-    P = a.clone()
-    last = 0 if reverse else T - 1
-    for t in steps:
-        P[t].mul_(P[t + 1 if reverse else t - 1])
+        h[t].addcmul_(a[t], h[prev])  # a[t] is read before P[t] (maybe a[t]) is updated
+        P[t].mul_(P[prev])
     # chain the chunk states
+    last = 0 if reverse else T - 1
     carry = torch.zeros_like(h[0, 0])
     carries = torch.empty_like(h[0])
     chunks = range(K - 1, -1, -1) if reverse else range(K)
@@ -182,11 +223,12 @@ class _ChunkedSelectiveScan(torch.autograd.Function):
     """y = sum_n C h, h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t; recomputing backward.
 
     u, delta: (b, d, L); A: (d, N); B, C: (b, N, L), all one float dtype.
-    Returns y: (b, d, L) and the last state (b, d, N).
+    Returns y: (b, d, L) and the last state (b, d, N). ``for_backward`` (whether a
+    backward pass may follow) changes nothing here: only the inputs are kept.
     """
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C):
+    def forward(ctx, u, delta, A, B, C, for_backward=True):
         b, d, L = u.shape
         N = A.shape[1]
         T = _chunk_len(L)
@@ -196,16 +238,16 @@ class _ChunkedSelectiveScan(torch.autograd.Function):
             u, delta = F.pad(u, (0, pad)), F.pad(delta, (0, pad))
             B, C = F.pad(B, (0, pad)), F.pad(C, (0, pad))
         Bc = _to_chunks(B, T).unsqueeze(3)  # (T, K, b, 1, N)
-        Cc = _to_chunks(C, T).unsqueeze(3)
+        Cc_t = _to_chunks(C, T).unsqueeze(-1)  # (T, K, b, N, 1)
         y = torch.empty(b, d, Lp, dtype=u.dtype, device=u.device)
         last = torch.empty(b, d, N, dtype=u.dtype, device=u.device)
         step = _channel_block(b, Lp, N, d, u.element_size(), buffers=4)
         for d0 in range(0, d, step):
             sl = slice(d0, min(d, d0 + step))
             a, h = _decay_and_input(u[:, sl], delta[:, sl], A[sl], Bc, T)
-            last[:, sl] = _linear_scan_(a, h)
+            last[:, sl] = _linear_scan_(a, h, consume_a=True)
             del a
-            y[:, sl] = _from_chunks(h.mul_(Cc).sum(-1))
+            y[:, sl] = _from_chunks(torch.matmul(h, Cc_t).squeeze(-1))  # sum_n h C
             del h
         ctx.save_for_backward(u, delta, A, B, C)
         ctx.L = L
@@ -233,7 +275,8 @@ class _ChunkedSelectiveScan(torch.autograd.Function):
             dyc = _to_chunks(dy[:, sl], T).unsqueeze(-1)  # (T, K, b, db, 1)
             a, h = _decay_and_input(u[:, sl], delta[:, sl], A[sl], Bc, T)
             _linear_scan_(a, h)
-            dC += (h * dyc).sum(3)
+            # sums over the block's channels as batched matrix products: one read pass
+            dC += torch.matmul(dyc.transpose(-1, -2), h).squeeze(-2)  # sum_d dy h
             h_prev = _shift(h)
             del h
             # adjoint: dh_t = C_t dy_t + a_{t+1} dh_{t+1}  (+ dlast at the final step)
@@ -241,9 +284,9 @@ class _ChunkedSelectiveScan(torch.autograd.Function):
             if dlast is not None:
                 Kl, tl = divmod(L - 1, T)
                 dh[tl, Kl] += dlast[:, sl].to(dh.dtype)
-            _linear_scan_(_shift(a, reverse=True), dh, reverse=True)
-            dB += (dh * (uc * dc).unsqueeze(-1)).sum(3)
-            s = (dh * Bc).sum(-1)  # (T, K, b, db)
+            _linear_scan_(_shift(a, reverse=True), dh, reverse=True, consume_a=True)
+            dB += torch.matmul((uc * dc).unsqueeze(-2), dh).squeeze(-2)  # sum_d delta u dh
+            s = torch.matmul(dh, Bc.transpose(-1, -2)).squeeze(-1)  # sum_n dh B: (T, K, b, db)
             du[:, sl] = _from_chunks(dc * s)
             w = h_prev.mul_(dh).mul_(a)  # d loss / d(delta_t A), (T, K, b, db, N)
             del a, dh
@@ -252,7 +295,7 @@ class _ChunkedSelectiveScan(torch.autograd.Function):
             del w
         dB = _from_chunks(dB)[..., :L]
         dC = _from_chunks(dC)[..., :L]
-        return du[..., :L], ddelta[..., :L], dA, dB, dC
+        return du[..., :L], ddelta[..., :L], dA, dB, dC, None
 
 
 def _decay_and_input(u, delta, A, Bc, T):
@@ -263,7 +306,83 @@ def _decay_and_input(u, delta, A, Bc, T):
     return a, x
 
 
-def _scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+# ----------------------------------------------------------------------------------------
+# compiled CPU kernel (the numba backend's core)
+# ----------------------------------------------------------------------------------------
+#: steps between two stored states of the numba backend: the backward pass recomputes
+#: chunks of this length in per-task buffers of (T + 1) x N x TILE that stay in L2 cache
+NUMBA_CHUNK = 64
+
+
+def _np(t: torch.Tensor):
+    return t.detach().numpy()
+
+
+class _NumbaSelectiveScan(torch.autograd.Function):
+    """Same contract as :class:`_ChunkedSelectiveScan`, computed by the numba kernels.
+
+    u, delta: (b, d, L); A: (d, N); B, C: (b, N, L), all float32 or all float64, on CPU.
+    Returns y: (b, d, L) and the last state (b, d, N). With ``for_backward`` it stores the
+    states every ``NUMBA_CHUNK`` steps for the backward pass, which recomputes the rest.
+    """
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, for_backward=True):
+        kernels, _ = _numba_kernels()
+        b, d, L = u.shape
+        N = A.shape[1]
+        T = min(L, NUMBA_CHUNK)
+        K = -(-L // T)
+        u, delta, A = u.contiguous(), delta.contiguous(), A.contiguous()
+        Bt = B.transpose(1, 2).contiguous()  # (b, L, N): one step's N values together
+        Ct = C.transpose(1, 2).contiguous()
+        y = u.new_empty(b, d, L)
+        last = u.new_empty(b, d, N)
+        save = bool(for_backward)
+        checkpoints = u.new_empty(b, d, K, N) if save else u.new_empty(1, 1, 1, 1)
+        kernels.scan_forward(_np(u), _np(delta), _np(A), _np(Bt), _np(Ct), T, _np(y),
+                             _np(last), _np(checkpoints), save, torch.get_num_threads())
+        if save:
+            ctx.save_for_backward(u, delta, A, Bt, Ct, checkpoints)
+            ctx.T = T
+        ctx.set_materialize_grads(False)
+        return y, last
+
+    @staticmethod
+    def backward(ctx, dy, dlast):
+        kernels, _ = _numba_kernels()
+        u, delta, A, Bt, Ct, checkpoints = ctx.saved_tensors
+        b, d, L = u.shape
+        N = A.shape[1]
+        dy = torch.zeros_like(u) if dy is None else dy.to(u.dtype).contiguous()
+        has_dlast = dlast is not None
+        dlast = dlast.to(u.dtype).contiguous() if has_dlast else u.new_zeros(1, 1, 1)
+        # groups of channel tiles per batch element: enough tasks for every thread, with
+        # their partial dB/dC sums (2 x b x G x L x N) under the memory budget
+        ntiles = -(-d // kernels.TILE)
+        threads = torch.get_num_threads()
+        G = min(ntiles, -(-2 * threads // b))
+        budget = float(os.environ.get(MEMORY_ENV, "1024")) * 2**20
+        G = int(max(1, min(G, budget // (2 * b * L * N * u.element_size()))))
+        du, ddelta = torch.empty_like(u), torch.empty_like(delta)
+        dA = u.new_empty(b, d, N)
+        dB = u.new_empty(b, G, L, N)
+        dC = u.new_empty(b, G, L, N)
+        kernels.scan_backward(_np(u), _np(delta), _np(A), _np(Bt), _np(Ct), _np(dy),
+                              _np(dlast), has_dlast, _np(checkpoints), ctx.T, _np(du),
+                              _np(ddelta), _np(dA), _np(dB), _np(dC), threads)
+        return (du, ddelta, dA.sum(0), dB.sum(1).transpose(1, 2),
+                dC.sum(1).transpose(1, 2), None)
+
+
+# ----------------------------------------------------------------------------------------
+# the PyTorch autograd around a core scan: bias, softplus, groups, D, gate
+# ----------------------------------------------------------------------------------------
+_CORES = {"torch": _ChunkedSelectiveScan, "numba": _NumbaSelectiveScan}
+
+
+def _scan_with_core(core, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                    return_last_state):
     dtype_in = u.dtype
     work = torch.float64 if torch.float64 in (u.dtype, delta.dtype, A.dtype) else torch.float32
     with torch.autocast(device_type=u.device.type, enabled=False):
@@ -273,6 +392,9 @@ def _scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last
         if delta_softplus:
             delta_ = F.softplus(delta_)
         A_, B_, C_ = A.to(work), B.to(work), C.to(work)
+        # inside Function.forward grad mode is off and needs_input_grad ignores no_grad
+        for_backward = torch.is_grad_enabled() and any(
+            t.requires_grad for t in (u_, delta_, A_, B_, C_))
         if B_.dim() == 4 or C_.dim() == 4:  # grouped B/C: (b, G, N, L)
             G = (B_ if B_.dim() == 4 else C_).shape[1]
             dim = u_.shape[1]
@@ -282,15 +404,15 @@ def _scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last
             Cg = C_ if C_.dim() == 4 else C_.unsqueeze(1).expand(-1, G, -1, -1)
             per = dim // G
             parts = [
-                _ChunkedSelectiveScan.apply(
+                core.apply(
                     u_[:, g * per:(g + 1) * per], delta_[:, g * per:(g + 1) * per],
-                    A_[g * per:(g + 1) * per], Bg[:, g], Cg[:, g])
+                    A_[g * per:(g + 1) * per], Bg[:, g], Cg[:, g], for_backward)
                 for g in range(G)
             ]
             y = torch.cat([p[0] for p in parts], 1)
             last = torch.cat([p[1] for p in parts], 1)
         else:
-            y, last = _ChunkedSelectiveScan.apply(u_, delta_, A_, B_, C_)
+            y, last = core.apply(u_, delta_, A_, B_, C_, for_backward)
         if D is not None:
             y = y + u_ * D.to(work)[:, None]
         if z is not None:
@@ -328,7 +450,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 
     Shapes: u, delta, z (batch, dim, L); A (dim, N); B, C (batch, N, L) or (batch, G, N, L);
     D, delta_bias (dim,). Returns out (batch, dim, L) in u's dtype, and with
-    ``return_last_state`` also the final state (batch, dim, N) in float32.
+    ``return_last_state`` also the final state (batch, dim, N) in float32 (float64 for
+    float64 inputs; mamba_ssm: float32).
     """
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
     name = resolve_backend(backend, u.device)
@@ -341,4 +464,5 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
                       None if z is None else z.contiguous(),
                       None if delta_bias is None else delta_bias.float().contiguous(),
                       delta_softplus, return_last_state)
-    return _scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    return _scan_with_core(_CORES[name], u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                           return_last_state)

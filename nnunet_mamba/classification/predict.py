@@ -1,0 +1,102 @@
+"""``nnmamba cls predict``: class probabilities per subject from the fold models of a run.
+
+The images are preprocessed with the configuration stored in the model folder (the same
+orientation, target spacing, size and normalisation as in training); every fold model
+predicts every row, the softmax probabilities are averaged over the fold models
+(ensemble) and then over the rows (images) of each subject. For two classes the predicted
+class uses the mean of the fold thresholds (each chosen on its fold's validation subjects);
+otherwise the arg-max.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import tempfile
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from .preprocessing import PreprocessingConfig, check_images, preprocess_table
+from .table import read_table
+from .trainer import PLANS_FILE, build_model, mean_per_subject, predict_probabilities, \
+    resolve_device
+
+
+def load_plans(model_dir: Path) -> dict:
+    path = Path(model_dir) / PLANS_FILE
+    if not path.is_file():
+        raise UserError(f"{model_dir}: no {PLANS_FILE}; pass the --out folder of "
+                        "'nnmamba cls train' as --model")
+    with open(path) as f:
+        plans = json.load(f)
+    if not plans.get("folds"):
+        raise UserError(f"{path}: no trained fold yet; let 'nnmamba cls train' finish a fold")
+    return plans
+
+
+def load_fold_models(model_dir: Path, plans: dict, device: torch.device,
+                     folds: Optional[Sequence[int]] = None):
+    """[(fold entry, model in eval mode)] for the requested folds (default: all trained)."""
+    entries = plans["folds"]
+    if folds is not None:
+        known = {e["fold"] for e in entries}
+        missing = sorted(set(folds) - known)
+        if missing:
+            raise UserError(f"{model_dir}: fold(s) {missing} not trained (trained: "
+                            f"{sorted(known)}); fix --folds")
+        entries = [e for e in entries if e["fold"] in set(folds)]
+    models = []
+    for e in entries:
+        path = Path(model_dir) / e["checkpoint"]
+        if not path.is_file():
+            raise UserError(f"{path}: checkpoint missing; re-run training or drop fold "
+                            f"{e['fold']} with --folds")
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        model = build_model(ckpt["model"], ckpt["in_channels"], ckpt["num_classes"],
+                            **ckpt["model_kwargs"])
+        model.load_state_dict(ckpt["state_dict"])
+        models.append((e, model.to(device).eval()))
+    return models
+
+
+def predict_csv(model_dir: str | Path, csv_path: str | Path, out_csv: str | Path,
+                device: str = "auto", folds: Optional[Sequence[int]] = None,
+                num_processes: int = 1, batch_size: int = 2) -> Path:
+    """Write ``out_csv`` with columns subject, n_images, prob_<class>..., predicted_class."""
+    model_dir = Path(model_dir)
+    plans = load_plans(model_dir)
+    table = read_table(csv_path, id_column=plans["id_column"],
+                       image_columns=plans["image_columns"], require_labels=False)
+    config = PreprocessingConfig.from_dict(plans["preprocessing"])
+    check_images(table, config.orientation)
+    dev = resolve_device(device)
+    models = load_fold_models(model_dir, plans, dev, folds)
+    classes = plans["classes"]
+    with tempfile.TemporaryDirectory(prefix="nnmamba_cls_") as tmp:
+        files = preprocess_table(table, config, Path(tmp), num_processes)
+        probs = np.mean([predict_probabilities(m, files, dev, batch_size) for _, m in models],
+                        axis=0)
+    row_subjects = [r.subject for r in table.rows]
+    subjects, subject_probs = mean_per_subject(probs, row_subjects)
+    n_images = {s: row_subjects.count(s) for s in subjects}
+    if len(classes) == 2:
+        threshold = float(np.mean([e["threshold"] for e, _ in models]))
+        predicted = [classes[int(p[1] >= threshold)] for p in subject_probs]
+    else:
+        threshold = None
+        predicted = [classes[int(np.argmax(p))] for p in subject_probs]
+    out_csv = Path(out_csv)
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_csv, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["subject", "n_images"] + [f"prob_{c}" for c in classes] + ["predicted_class"])
+        for s, p, c in zip(subjects, subject_probs, predicted):
+            w.writerow([s, n_images[s]] + [f"{v:.6f}" for v in p] + [c])
+    decision = ("arg-max" if threshold is None
+                else f"threshold {threshold:.4f} on prob_{classes[-1]}")
+    print(f"{len(subjects)} subjects, ensemble of {len(models)} fold model(s), {decision}: "
+          f"{out_csv}")
+    return out_csv

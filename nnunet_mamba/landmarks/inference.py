@@ -1,0 +1,145 @@
+"""Heatmap inference: model folders, fold ensembles and decoding to world coordinates.
+
+A trained model folder (``nnmamba landmarks train --out DIR``) holds ``config.json`` and
+``fold_<k>/checkpoint_final.pt`` (and ``checkpoint_best.pt``) per trained fold. Prediction
+resamples each image onto its working grid exactly as in training, averages the heatmaps
+of the fold models (the ensemble), decodes them (arg-max + sharpened local soft-argmax,
+:func:`~.heatmaps.decode_heatmaps`) and maps the positions back to world mm through the
+grid's geometry.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from ..networks.nnmamba_landmark import HeatmapUNet, build_landmark_network
+from .data import read_image, to_working_grid
+from .geometry import WorkingGrid, world_to_index
+from .heatmaps import decode_heatmaps
+from .io import list_images, write_landmarks
+
+CONFIG_NAME = "config.json"
+CHECKPOINTS = {"final": "checkpoint_final.pt", "best": "checkpoint_best.pt"}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' -> cuda if available else cpu; a CUDA device that is missing -> UserError."""
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a torch device; use auto, cpu, cuda or "
+                        "cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA GPU is available here; use --device cpu.")
+    return device
+
+
+def build_network(config: dict) -> HeatmapUNet:
+    """The network described by a model folder's config (fresh weights)."""
+    return build_landmark_network(config["model"], 1, len(config["landmarks"]),
+                                  **config["model_kwargs"])
+
+
+@torch.no_grad()
+def predict_heatmaps(models: Sequence[torch.nn.Module], image: np.ndarray,
+                     device: torch.device) -> torch.Tensor:
+    """Mean heatmaps (K, D, H, W) of the models for one normalised (D, H, W) volume."""
+    x = torch.as_tensor(image, dtype=torch.float32, device=device)[None, None]
+    total = None
+    for m in models:
+        m.eval()
+        h = m(x)[0].float()
+        total = h if total is None else total + h
+    return total / len(models)
+
+
+def decode_to_world(heatmaps: torch.Tensor, grid: WorkingGrid, sigma: float,
+                    radius: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(world points (K, 3) mm, confidences (K,), working-grid array coords (K, 3))."""
+    coords, peaks = decode_heatmaps(heatmaps, radius=radius, sigma=sigma)
+    return grid.array_to_world(coords), peaks, coords
+
+
+@dataclass
+class LandmarkModel:
+    """A trained model folder loaded for prediction: its config and the fold networks."""
+
+    folder: Path
+    config: dict
+    folds: list[int]
+    networks: list[torch.nn.Module]
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.config["landmarks"])
+
+
+def load_config(folder) -> dict:
+    folder = Path(folder)
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        raise UserError(f"{folder}: not a landmark model folder (no {CONFIG_NAME}). Pass the "
+                        "--out folder of 'nnmamba landmarks train'.")
+    return json.loads(path.read_text())
+
+
+def load_model(folder, folds: Optional[Sequence[int]] = None, checkpoint: str = "final",
+               device: torch.device = torch.device("cpu")) -> LandmarkModel:
+    """Load the fold networks of a model folder (all trained folds unless ``folds``)."""
+    folder = Path(folder)
+    config = load_config(folder)
+    name = CHECKPOINTS[checkpoint]
+    if folds is None:
+        folds = sorted(int(p.parent.name.split("_", 1)[1]) for p in folder.glob(f"fold_*/{name}")
+                       if p.parent.name.split("_", 1)[1].isdigit())
+        if not folds:
+            raise UserError(f"{folder}: no fold_<k>/{name}. Train first (nnmamba landmarks "
+                            f"train) or choose --checkpoint "
+                            f"{'best' if checkpoint == 'final' else 'final'}.")
+    nets = []
+    for k in folds:
+        path = folder / f"fold_{k}" / name
+        if not path.is_file():
+            raise UserError(f"{path} not found: fold {k} has no {checkpoint} checkpoint. Train "
+                            "that fold or leave it out of --folds.")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        net = build_network(config)
+        net.load_state_dict(state["state_dict"])
+        nets.append(net.to(device).eval())
+    return LandmarkModel(folder, config, list(folds), nets)
+
+
+def predict_folder(model: LandmarkModel, images_dir, out_dir, device: torch.device,
+                   log=print) -> list[str]:
+    """Predict every image of ``images_dir``; writes ``out_dir/<CASE>.json``."""
+    cfg = model.config
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    images = list_images(images_dir)
+    for i, (case, path) in enumerate(images.items(), 1):
+        image = read_image(path, case)
+        array, grid = to_working_grid(image, cfg["size"], cfg.get("antialias", True))
+        heat = predict_heatmaps(model.networks, array, device)
+        world, conf, _ = decode_to_world(heat, grid, cfg["sigma"], cfg.get("decode_radius", 3))
+        index = world_to_index(image, world)
+        write_landmarks(out_dir / f"{case}.json", dict(zip(model.names, world)),
+                        confidence={n: float(c) for n, c in zip(model.names, conf)},
+                        voxel_index={n: [float(v) for v in ix] for n, ix in zip(model.names, index)},
+                        image=str(path), model=str(model.folder), folds=model.folds)
+        if log is not None:
+            low = [n for n, c in zip(model.names, conf) if c < 0.3]
+            log(f"[{i}/{len(images)}] {case}: mean confidence {float(np.mean(conf)):.2f}"
+                + (f" (low: {', '.join(low)})" if low else ""))
+    return list(images)
+
+
+__all__ = ["resolve_device", "predict_heatmaps", "decode_to_world", "load_model",
+           "predict_folder", "LandmarkModel"]

@@ -1,0 +1,214 @@
+"""Mamba layers over 3D feature maps, shared by the SegMamba, Taming Mambas and U-Mamba networks.
+
+A feature map (B, C, D, H, W) is read as a token sequence with :mod:`nnunet_mamba.ssm`'s scan
+orders, layer-normalised, mixed by one or more Mamba blocks and written back:
+
+* :class:`FeatureMapSequenceMixer`: the common frame (tokens, LayerNorm, residual, float32
+  with autocast off); subclasses say how the tokens are mixed.
+* :class:`FeatureMapMamba`: one token mixer per scan order, outputs averaged. With a plain
+  :class:`~nnunet_mamba.ssm.Mamba` and the raster order it is U-Mamba's Mamba layer (Ma et al.
+  2024, Sec. 2.1); with :class:`PreNormMambaBlock` / :class:`BidirectionalMambaBlock` and the
+  axis permutations, the layers of Taming Mambas (Lumetti et al. 2024, Sec. 3, Figs. 1, 3).
+
+:func:`unet_kwargs_from_plans` turns an nnU-Net plans configuration into the keyword arguments
+of the plans-based U-Nets (Taming Mambas, U-Mamba) built on it.
+"""
+from __future__ import annotations
+
+import contextlib
+import pydoc
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..ssm import FORWARD, Mamba, ScanOrder, from_sequence, to_sequence
+from ..ssm.mamba import _autocast_off
+
+
+class PreNormMambaBlock(nn.Module):
+    """Taming Mambas' unidirectional Mamba layer on a token sequence (Lumetti et al. 2024, Fig. 1a).
+
+    ``x = x + Mamba(LN(x)); x = x + Linear(LN(x))`` (the public code's ``MambaTrans``).
+    (B, L, C) -> (B, L, C). ``d_state`` defaults to ``min(C, 256)`` as in the public code.
+    """
+
+    def __init__(self, d_model: int, d_state: Optional[int] = None, d_conv: int = 4,
+                 expand: int = 2):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(d_model)
+        self.mamba = Mamba(d_model, d_state=d_state or min(d_model, 256), d_conv=d_conv,
+                           expand=expand)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.mamba(self.norm1(x))
+        return x + self.head(self.norm2(x))
+
+
+class BidirectionalMambaBlock(nn.Module):
+    """Bidirectional Mamba layer (Lumetti et al. 2024, Fig. 1b): two :class:`PreNormMambaBlock`
+    with their own weights, one on the sequence and one on the reversed sequence (its output
+    reversed back), summed and layer-normalised. (B, L, C) -> (B, L, C).
+    """
+
+    def __init__(self, d_model: int, d_state: Optional[int] = None, d_conv: int = 4,
+                 expand: int = 2):
+        super().__init__()
+        self.fwd_mamba = PreNormMambaBlock(d_model, d_state, d_conv, expand)
+        self.bwd_mamba = PreNormMambaBlock(d_model, d_state, d_conv, expand)
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.fwd_mamba(x) + self.bwd_mamba(x.flip(1)).flip(1))
+
+
+class FeatureMapSequenceMixer(nn.Module):
+    """Run a token mixer over a 3D feature map: (B, C, D, H, W) -> (B, C, D, H, W).
+
+    The map is read in raster order (:func:`~nnunet_mamba.ssm.to_sequence`), optionally
+    layer-normalised over channels, mixed by :meth:`mix` and written back; ``residual`` adds the
+    input. With ``channel_tokens`` the C channels are the tokens and the ``num_voxels`` voxels
+    their features (U-Mamba Enc's layer for maps with no more voxels than channels); the map
+    must then have exactly ``num_voxels`` voxels. With ``fp32`` (U-Mamba, Taming Mambas) the
+    layer runs in float32 with autocast off; otherwise only the selective scan does.
+    """
+
+    def __init__(self, channels: int, input_norm: bool = True, residual: bool = False,
+                 fp32: bool = True, num_voxels: Optional[int] = None):
+        super().__init__()
+        self.channels, self.residual, self.fp32 = channels, residual, fp32
+        self.num_voxels = num_voxels
+        self.channel_tokens = num_voxels is not None
+        self.token_dim = num_voxels if self.channel_tokens else channels
+        self.norm = nn.LayerNorm(self.token_dim) if input_norm else None
+
+    def mix(self, tokens: torch.Tensor, spatial_shape: Sequence[int]) -> torch.Tensor:
+        """(B, L, d) in raster order -> (B, L, d) in raster order."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 5 or x.shape[1] != self.channels:
+            raise ValueError(f"{type(self).__name__}: expected (B, {self.channels}, D, H, W), "
+                             f"got {tuple(x.shape)}")
+        shape = tuple(x.shape[2:])
+        if self.channel_tokens and x[0, 0].numel() != self.num_voxels:
+            raise ValueError(
+                f"{type(self).__name__} was built with channel tokens for feature maps of "
+                f"{self.num_voxels} voxels (from the plans' patch size) but got a {shape} map; "
+                "run the network on the patch size of the plans it was built from")
+        with _autocast_off(x.device) if self.fp32 else contextlib.nullcontext():
+            if self.fp32 and x.dtype in (torch.float16, torch.bfloat16):
+                x = x.float()
+            seq = to_sequence(x)
+            if self.channel_tokens:
+                seq = seq.transpose(1, 2)
+            h = self.norm(seq) if self.norm is not None else seq
+            y = self.mix(h, shape)
+            if self.channel_tokens:
+                y = y.transpose(1, 2)
+            out = from_sequence(y, shape)
+            return x + out if self.residual else out
+
+
+class FeatureMapMamba(FeatureMapSequenceMixer):
+    """Mamba layer over a feature map: ``mixers[i]`` reads the map in ``orders[i]``, the
+    outputs are put back in raster order and averaged. (B, C, D, H, W) -> (B, C, D, H, W).
+
+    * U-Mamba (Ma et al. 2024, Sec. 2.1): ``[Mamba(C)]``, raster order, input LayerNorm.
+    * Taming Mambas (Lumetti et al. 2024, Sec. 3): ``[PreNormMambaBlock(C)]`` (SegMamba),
+      ``[BidirectionalMambaBlock(C)]`` (BiSegMamba, SegMambaSkip), or four bidirectional
+      blocks on four of the six axis permutations, without input norm (MultiSegMamba, Fig. 3).
+
+    Every mixer maps (B, L, d) -> (B, L, d); see :class:`FeatureMapSequenceMixer` for the
+    options. The orders' index permutations come from the actual map size, so any patch works.
+    """
+
+    def __init__(self, channels: int, mixers: Sequence[nn.Module],
+                 orders: Sequence[ScanOrder] = (FORWARD,), input_norm: bool = True,
+                 residual: bool = False, fp32: bool = True, num_voxels: Optional[int] = None):
+        super().__init__(channels, input_norm, residual, fp32, num_voxels)
+        if len(mixers) != len(orders) or not mixers:
+            raise ValueError(f"one mixer per scan order: {len(mixers)} mixers, {len(orders)} orders")
+        if num_voxels is not None and tuple(orders) != (FORWARD,):
+            raise ValueError("channel tokens are read in one order only")
+        self.mixers = nn.ModuleList(mixers)
+        self.orders = tuple(orders)
+
+    def mix(self, tokens: torch.Tensor, spatial_shape: Sequence[int]) -> torch.Tensor:
+        out = 0
+        for mixer, order in zip(self.mixers, self.orders):
+            if order == FORWARD:
+                out = out + mixer(tokens)
+                continue
+            perm = order.permutation(spatial_shape, device=tokens.device)
+            y = mixer(tokens[:, perm])
+            out = out + torch.empty_like(y).index_copy_(1, perm, y)
+        return out / len(self.mixers)
+
+
+# ---- plans -------------------------------------------------------------------------------
+def unet_kwargs_from_plans(configuration_manager) -> dict:
+    """The U-Net keyword arguments of an nnU-Net plans configuration, classes imported.
+
+    Reads ``configuration_manager.network_arch_init_kwargs`` (nnU-Net >= 2.4 plans: plain
+    ``PlainConvUNet`` plans or residual-encoder plans) and resolves the class names listed in
+    ``_kw_requires_import`` as nnU-Net's ``get_network_from_plans`` does. The encoder's block
+    counts are returned as ``n_blocks_per_stage`` whichever name the plans use. Only 3D
+    configurations are accepted: the Mamba layers scan volumes.
+    """
+    kwargs = dict(configuration_manager.network_arch_init_kwargs)
+    for key in configuration_manager.network_arch_init_kwargs_req_import:
+        if kwargs.get(key) is not None:
+            kwargs[key] = pydoc.locate(kwargs[key])
+    if "n_blocks_per_stage" not in kwargs:
+        if "n_conv_per_stage" not in kwargs:
+            raise ValueError("the plans' architecture has neither n_conv_per_stage nor "
+                             "n_blocks_per_stage; re-plan the dataset with nnUNetv2_plan_experiment")
+        kwargs["n_blocks_per_stage"] = kwargs.pop("n_conv_per_stage")
+    if kwargs.get("conv_op") is not nn.Conv3d:
+        raise ValueError(
+            f"these Mamba networks need a 3D configuration (conv_op Conv3d), the plans give "
+            f"{kwargs.get('conv_op')}; train the 3d_fullres (or 3d_lowres) configuration")
+    for key in ("block", "bottleneck_channels", "stem_channels"):
+        kwargs.pop(key, None)  # residual-encoder extras that these networks fix themselves
+    return kwargs
+
+
+# ---- encoders ----------------------------------------------------------------------------
+class MambaAfterStagesMixin:
+    """Forward pass of a U-Net encoder with a Mamba layer after each stage (mixin).
+
+    The encoder provides ``stem`` (or None), ``stages`` and ``mamba_layers`` (one module per
+    stage, ``nn.Identity`` where a stage has none) and ``mamba_on_skips_only``. Input
+    (B, C, D, H, W); returns the skips, highest resolution first, the bottleneck last. Each
+    stage output goes through its Mamba layer; with ``mamba_on_skips_only`` only the skip
+    does and the next stage sees the convolutional features (Taming Mambas' SegMambaSkip).
+    """
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.stem is not None:
+            x = self.stem(x)
+        skips = []
+        for stage, mamba in zip(self.stages, self.mamba_layers):
+            x = stage(x)
+            if self.mamba_on_skips_only:
+                skips.append(mamba(x))
+            else:
+                x = mamba(x)
+                skips.append(x)
+        return skips
+
+
+def stage_flags(n_stages: int, mamba_stages) -> list[bool]:
+    """Which stages get a Mamba layer: None or 'all' = every stage, 'bottleneck' = the last,
+    or one bool per stage."""
+    if mamba_stages is None or mamba_stages == "all":
+        return [True] * n_stages
+    if mamba_stages == "bottleneck":
+        return [False] * (n_stages - 1) + [True]
+    flags = [bool(f) for f in mamba_stages]
+    if len(flags) != n_stages:
+        raise ValueError(f"mamba_stages needs one flag per stage ({n_stages}), got {len(flags)}")
+    return flags

@@ -1,0 +1,259 @@
+"""SegMamba (Xing et al., "SegMamba: Long-range Sequential Modeling Mamba for 3D Medical Image
+Segmentation", MICCAI 2024; github.com/ge-xing/SegMamba), written for nnunet-mamba.
+
+Encoder (Sec. 2.1-2.2, Fig. 1): a 7x7x7 stride-2 stem to 48 channels and four stages of
+widths 48/96/192/384 at 1/2 ... 1/16 of the input (InstanceNorm + 2x2x2 stride-2 convolutions
+between stages). Each stage is a Tri-orientated Spatial Mamba (TSMamba) block: one Gated
+Spatial Convolution (GSC) followed by two Tri-orientated Mamba (ToM) layers; each stage
+output goes through InstanceNorm and a channel MLP (C -> 2C -> C) to become a skip feature.
+Skip features pass the Feature-level Uncertainty Estimation (FUE, Sec. 2.3). Decoder: the
+UNETR-style residual convolution blocks of the public code (MONAI's UnetrBasicBlock /
+UnetrUpBlock, re-implemented here): a residual block per skip (the image itself, the three
+skip features and the 1/16 bottleneck widened to 768 channels), transposed-convolution up
+blocks with concatenation, a last residual block and a 1x1 head.
+
+Differences from the public code, all deliberate:
+
+* The inter-slice scan order is computed from the actual feature-map size
+  (:data:`nnunet_mamba.ssm.INTER_SLICE`), not from slice counts hard-coded for 128^3 patches.
+* FUE is implemented as the paper describes it; the public repository has no FUE code.
+* GSC multiplies its two branches (the paper's gate); the public code adds them
+  (``gsc_gate="add"`` reproduces that).
+
+No deep supervision (neither the paper nor the code has any). At 4 inputs / 4 outputs the
+network has 67.4 M parameters, as the public code.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from ..ssm import FORWARD, INTER_SLICE, REVERSE, MultiScanMamba
+from .blocks import crop_to, pad_to_multiple
+from .mamba_layers import FeatureMapSequenceMixer
+
+
+class ConvInstNormAct(nn.Sequential):
+    """Conv3d (stride 1, 'same' padding, bias) -> InstanceNorm3d -> ReLU; used by GSC.
+
+    (B, in_channels, D, H, W) -> (B, out_channels, D, H, W).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int):
+        super().__init__(nn.Conv3d(in_channels, out_channels, kernel_size, padding=kernel_size // 2),
+                         nn.InstanceNorm3d(out_channels), nn.ReLU(inplace=True))
+
+
+class GatedSpatialConv(nn.Module):
+    """Gated Spatial Convolution (GSC, Xing et al. 2024, Sec. 2.2, Eq. 1).
+
+    ``z + C1(C3(C3(z)) * C1(z))``: two 3x3x3 conv-norm-ReLU layers gated by a 1x1x1
+    conv-norm-ReLU branch, a 1x1x1 conv-norm-ReLU and a residual connection. ``gate="add"``
+    sums the branches instead, as the public code does. (B, C, D, H, W) -> (B, C, D, H, W).
+    """
+
+    def __init__(self, channels: int, gate: str = "multiply"):
+        super().__init__()
+        if gate not in ("multiply", "add"):
+            raise ValueError(f"gate must be 'multiply' or 'add', got {gate!r}")
+        self.gate = gate
+        self.spatial = nn.Sequential(ConvInstNormAct(channels, channels, 3),
+                                     ConvInstNormAct(channels, channels, 3))
+        self.pointwise = ConvInstNormAct(channels, channels, 1)
+        self.proj = ConvInstNormAct(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s, p = self.spatial(x), self.pointwise(x)
+        return x + self.proj(s * p if self.gate == "multiply" else s + p)
+
+
+class TriOrientedMamba(FeatureMapSequenceMixer):
+    """Tri-orientated Mamba layer (ToM, Xing et al. 2024, Sec. 2.2, Eq. 2).
+
+    ``x + ToM(LN(x))``: one :class:`~nnunet_mamba.ssm.MultiScanMamba` whose shared in/out
+    projections feed three scan branches with their own parameters: forward, reversed and
+    inter-slice (depth fastest) order, outputs summed. The orders are computed from the
+    actual feature-map size. (B, C, D, H, W) -> (B, C, D, H, W).
+    """
+
+    orders = (FORWARD, REVERSE, INTER_SLICE)
+
+    def __init__(self, channels: int, d_state: int = 16, d_conv: int = 4, expand: int = 2):
+        super().__init__(channels, input_norm=True, residual=True, fp32=False)
+        self.mamba = MultiScanMamba(channels, len(self.orders), d_state, d_conv, expand)
+
+    def mix(self, tokens: torch.Tensor, spatial_shape: Sequence[int]) -> torch.Tensor:
+        perms = [None if o == FORWARD else o.permutation(spatial_shape, device=tokens.device)
+                 for o in self.orders]
+        return self.mamba(tokens, perms)
+
+
+class ChannelMLP(nn.Sequential):
+    """1x1x1 conv C -> hidden, GELU, 1x1x1 conv hidden -> C (SegMamba's skip MLP).
+
+    (B, C, D, H, W) -> (B, C, D, H, W).
+    """
+
+    def __init__(self, channels: int, hidden: int):
+        super().__init__(nn.Conv3d(channels, hidden, 1), nn.GELU(), nn.Conv3d(hidden, channels, 1))
+
+
+class FeatureUncertaintyWeighting(nn.Module):
+    """Feature-level Uncertainty Estimation (FUE, Xing et al. 2024, Sec. 2.3).
+
+    From a skip feature f: p = sigmoid(mean over channels of f) (B, 1, D, H, W), the
+    voxel-wise uncertainty u = -p log p (at most 1/e), and the re-weighted feature
+    ``f + f * (1 - u)``: voxels whose features are certain are enhanced more. Parameter-free.
+    (The public SegMamba code has no FUE.) (B, C, D, H, W) -> (B, C, D, H, W).
+    """
+
+    @staticmethod
+    def uncertainty(x: torch.Tensor) -> torch.Tensor:
+        p = torch.sigmoid(x.mean(dim=1, keepdim=True))
+        return -p * torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + x * (1 - self.uncertainty(x))
+
+
+class SegMambaEncoder(nn.Module):
+    """SegMamba encoder (Xing et al. 2024, Sec. 2.1-2.2).
+
+    Input (B, in_channels, D, H, W), sizes divisible by ``2 ** len(widths)``. Returns one
+    skip feature per stage: stage i at 1/2^(i+1) of the input with ``widths[i]`` channels
+    (stage output -> InstanceNorm -> :class:`ChannelMLP`); the un-normalised stage output feeds
+    the next stage, as in the public code.
+    """
+
+    def __init__(self, in_channels: int, widths: Sequence[int] = (48, 96, 192, 384),
+                 depths: Sequence[int] = (2, 2, 2, 2), d_state: int = 16, d_conv: int = 4,
+                 expand: int = 2, gsc_gate: str = "multiply"):
+        super().__init__()
+        if len(widths) != len(depths):
+            raise ValueError("one depth per stage width")
+        self.stem = nn.Conv3d(in_channels, widths[0], kernel_size=7, stride=2, padding=3)
+        self.downsamples = nn.ModuleList(
+            nn.Sequential(nn.InstanceNorm3d(widths[i]), nn.Conv3d(widths[i], widths[i + 1], 2, 2))
+            for i in range(len(widths) - 1))
+        self.gscs = nn.ModuleList(GatedSpatialConv(w, gsc_gate) for w in widths)
+        self.stages = nn.ModuleList(
+            nn.Sequential(*[TriOrientedMamba(w, d_state, d_conv, expand) for _ in range(depth)])
+            for w, depth in zip(widths, depths))
+        self.out_norms = nn.ModuleList(nn.InstanceNorm3d(w) for w in widths)
+        self.out_mlps = nn.ModuleList(ChannelMLP(w, 2 * w) for w in widths)
+        self.output_channels = list(widths)
+        self.divisor = 2 ** len(widths)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats = []
+        for i, (gsc, stage) in enumerate(zip(self.gscs, self.stages)):
+            x = self.stem(x) if i == 0 else self.downsamples[i - 1](x)
+            x = stage(gsc(x))
+            feats.append(self.out_mlps[i](self.out_norms[i](x)))
+        return feats
+
+
+class UnetResBlock(nn.Module):
+    """Residual block of UNETR's decoder (MONAI ``UnetResBlock``, Hatamizadeh et al. 2022).
+
+    conv3 -> InstanceNorm -> LeakyReLU(0.01) -> conv3 -> InstanceNorm, plus the input (through
+    a 1x1x1 conv and InstanceNorm when the width changes), LeakyReLU. Bias-free convolutions,
+    InstanceNorm without affine parameters. (B, in_channels, D, H, W) -> (B, out_channels, D, H, W).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv3d(in_channels, out_channels, 3, padding=1, bias=False)
+        self.norm1 = nn.InstanceNorm3d(out_channels)
+        self.conv2 = nn.Conv3d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.norm2 = nn.InstanceNorm3d(out_channels)
+        self.act = nn.LeakyReLU(0.01, inplace=True)
+        self.shortcut = nn.Identity() if in_channels == out_channels else nn.Sequential(
+            nn.Conv3d(in_channels, out_channels, 1, bias=False), nn.InstanceNorm3d(out_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.norm2(self.conv2(self.act(self.norm1(self.conv1(x)))))
+        return self.act(out + self.shortcut(x))
+
+
+class UnetUpBlock(nn.Module):
+    """UNETR up block (MONAI ``UnetrUpBlock``): 2x2x2 stride-2 transposed convolution (no bias),
+    concatenation with the skip, :class:`UnetResBlock` to ``out_channels``.
+
+    (B, in_channels, d, h, w), skip (B, out_channels, 2d, 2h, 2w) -> (B, out_channels, 2d, 2h, 2w).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.up = nn.ConvTranspose3d(in_channels, out_channels, 2, stride=2, bias=False)
+        self.conv = UnetResBlock(2 * out_channels, out_channels)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.cat([self.up(x), skip], dim=1))
+
+
+class SegMambaDecoder(nn.Module):
+    """SegMamba's UNETR-style decoder with FUE on the skips (Xing et al. 2024, Sec. 2.3).
+
+    Inputs: the image (B, in_channels, D, H, W) and the encoder features f_0 ... f_n
+    (f_i at 1/2^(i+1), ``widths[i]`` channels). Skip branches: the image through a
+    :class:`UnetResBlock` to ``widths[0]``; f_i (i < n) through FUE and a
+    :class:`UnetResBlock` to ``widths[i+1]``; the bottleneck f_n through a
+    :class:`UnetResBlock` to ``hidden`` channels. Then :class:`UnetUpBlock` s back to full
+    resolution, a last :class:`UnetResBlock` and a 1x1 head: logits (B, num_classes, D, H, W).
+    No deep supervision: ``deep_supervision`` exists for nnU-Net's switch and must stay False.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, widths: Sequence[int], hidden: int):
+        super().__init__()
+        self.deep_supervision = False
+        skip_widths = [*widths, hidden]
+        self.skip_blocks = nn.ModuleList(
+            [UnetResBlock(in_channels, skip_widths[0])]
+            + [UnetResBlock(widths[i], skip_widths[i + 1]) for i in range(len(widths))])
+        self.uncertainty = FeatureUncertaintyWeighting()
+        self.up_blocks = nn.ModuleList(
+            UnetUpBlock(skip_widths[k], skip_widths[k - 1]) for k in reversed(range(1, len(skip_widths))))
+        self.final_block = UnetResBlock(widths[0], widths[0])
+        self.head = nn.Conv3d(widths[0], num_classes, 1)
+
+    def forward(self, image: torch.Tensor, feats: Sequence[torch.Tensor]) -> torch.Tensor:
+        if self.deep_supervision:
+            raise RuntimeError("SegMamba has no deep-supervision outputs; keep "
+                               "decoder.deep_supervision False")
+        inputs = [image, *(self.uncertainty(f) for f in feats[:-1]), feats[-1]]
+        skips = [block(t) for block, t in zip(self.skip_blocks, inputs)]
+        x = skips[-1]
+        for up, skip in zip(self.up_blocks, reversed(skips[:-1])):
+            x = up(x, skip)
+        return self.head(self.final_block(x))
+
+
+class SegMamba(nn.Module):
+    """SegMamba (Xing et al. 2024): :class:`SegMambaEncoder` + :class:`SegMambaDecoder`.
+
+    Input (B, in_channels, D, H, W) of any size: zero-padded at the end of each axis to a
+    multiple of 16 and the logits (B, num_classes, D, H, W) cropped back. Defaults are the
+    paper's: widths 48/96/192/384, two ToM layers per stage (Mamba d_state 16, d_conv 4,
+    expand 2), bottleneck skip width 768. 67.4 M parameters at 4 inputs / 4 outputs.
+    No deep supervision: ``deep_supervision=True`` is refused.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int,
+                 widths: Sequence[int] = (48, 96, 192, 384), depths: Sequence[int] = (2, 2, 2, 2),
+                 hidden: int = 768, d_state: int = 16, d_conv: int = 4, expand: int = 2,
+                 gsc_gate: str = "multiply", deep_supervision: bool = False):
+        super().__init__()
+        if deep_supervision:
+            raise ValueError("SegMamba has no deep supervision (Xing et al. 2024); build it with "
+                             "deep_supervision=False (its trainer sets supports_deep_supervision "
+                             "= False)")
+        self.encoder = SegMambaEncoder(in_channels, widths, depths, d_state, d_conv, expand,
+                                       gsc_gate)
+        self.decoder = SegMambaDecoder(in_channels, num_classes, widths, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, shape = pad_to_multiple(x, self.encoder.divisor)
+        return crop_to(self.decoder(x, self.encoder(x)), shape)
