@@ -39,11 +39,12 @@ def make_synthetic_dataset(raw_root: Path, dataset_id: int = 901, name: str = "N
     zz, yy, xx = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
     for i in range(num_train + num_test):
         seg = np.zeros(shape, np.uint8)
-        c = [rng.integers(10, s - 10) for s in shape]
-        r = rng.uniform(5, 8)
+        m = min(shape)
+        r = rng.uniform(0.15, 0.22) * m
+        c = [rng.integers(int(r) + 1, s - int(r) - 1) for s in shape]
         seg[(zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 <= r * r] = 1
-        lo = [rng.integers(3, s - 14) for s in shape]
-        ext = [rng.integers(6, 11) for _ in shape]
+        ext = [rng.integers(max(3, m // 6), max(4, m // 4) + 1) for _ in shape]
+        lo = [rng.integers(1, s - e) for s, e in zip(shape, ext)]
         box = tuple(slice(a, a + e) for a, e in zip(lo, ext))
         seg[box] = np.where(seg[box] == 0, 2, seg[box])
         img = rng.normal(0, 1, shape) + 3.0 * (seg == 1) + 1.8 * (seg == 2)

@@ -263,10 +263,14 @@ def test_table_errors_name_the_line_and_the_fix(tmp_path):
         read_table(path, id_column="id")
 
 
-def test_unreadable_image_stops_the_cli_before_training(tmp_path, capsys):
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_unreadable_image_stops_the_cli_before_training(tmp_path, capsys, damage):
     data = write_sphere_dataset(tmp_path / "data", n_subjects=14, size_mm=16)
     bad = tmp_path / "data" / "s0_003_0.nii.gz"
-    bad.write_bytes(b"this is not a NIfTI file")
+    if damage == "garbage":
+        bad.write_bytes(b"this is not a NIfTI file")
+    else:  # a valid header, half of the voxel data: ITK alone would read zeros silently
+        bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
     out = tmp_path / "run"
     code = main(["cls", "train", "--csv", str(data), "--out", str(out), "--device", "cpu",
                  "--epochs", "1", "--size", "16", "16", "16", "--folds", "2",
@@ -274,7 +278,7 @@ def test_unreadable_image_stops_the_cli_before_training(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert "line 6 (subject sub0_003)" in err and "s0_003_0.nii.gz" in err
-    assert "cannot read this image" in err
+    assert ("cannot read this image" if damage == "garbage" else "truncated") in err
     assert not (out / "plans.json").exists() and not (out / "fold_0").exists()
 
 
@@ -332,7 +336,8 @@ def test_channels_on_different_grids_are_refused(tmp_path):
 # ---------------------------------------------------------------------------------------
 TRAIN_ARGS = ["--size", "16", "16", "16", "--target-spacing", "1.5", "1.5", "1.5",
               "--base-channels", "8", "--batch-size", "4",
-              "--epochs", "8", "--classes", "NC", "AD", "--device", "cpu"]
+              "--epochs", "10", "--lr-schedule", "cosine", "--classes", "NC", "AD",
+              "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")

@@ -99,3 +99,38 @@ def test_unknown_trainer_is_a_clear_error(planned):
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
     assert proc.returncode != 0
     assert "Could not find requested nnunet trainer" in proc.stdout
+
+
+OTHER_TRAINERS = ["SegMambaTrainer", "TamingSegMambaTrainer", "BiSegMambaTrainer",
+                  "MultiSegMambaTrainer", "SegMambaSkipTrainer", "UMambaBotTrainer",
+                  "UMambaEncTrainer", "UNETRTrainer"]
+SMALL_ID = 988
+
+
+@pytest.fixture(scope="session")
+def planned_small(tmp_path_factory):
+    """A smaller dataset (16 x 32 x 32, 1 mm): patch 16 x 32 x 32, divisible by 16 for UNETR."""
+    work = tmp_path_factory.mktemp("nnunet_small")
+    env = nnunet_env(work)
+    env.pop("nnUNet_extTrainer", None)
+    make_synthetic_dataset(work / "nnUNet_raw", SMALL_ID, "Small", num_train=5, num_test=0,
+                           shape=(16, 32, 32), spacing=(1.0, 1.0, 1.0), seed=1)
+    run(["nnUNetv2_plan_and_preprocess", "-d", str(SMALL_ID), "-c", "3d_fullres",
+         "-np", "2", "-npfp", "2"], env)
+    return work, env
+
+
+@pytest.mark.parametrize("trainer", OTHER_TRAINERS)
+def test_other_trainers_train_in_nnunet(planned_small, trainer):
+    work, env = planned_small
+    name = f"{trainer}_smoke"
+    out = run(["nnUNetv2_train", str(SMALL_ID), "3d_fullres", "0", "-tr", name, "-device", "cpu"],
+              env)
+    assert f"Using trainer '{name}'" in out
+    fold = (work / "nnUNet_results" / f"Dataset{SMALL_ID:03d}_Small"
+            / f"{name}__nnUNetPlans__3d_fullres" / "fold_0")
+    ckpt = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert ckpt["trainer_name"] == name
+    assert (fold / "validation" / "summary.json").exists()
+    if trainer != "UNETRTrainer":
+        assert any("A_log" in k for k in ckpt["network_weights"]), "no Mamba in the network"

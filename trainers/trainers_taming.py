@@ -73,12 +73,6 @@ class _TamingMambasTrainer(MambaTrainerBase):
     lr_schedule = "cosine"  # or "one_cycle"
     hyperparameters = {"initial_lr": 3e-4}
 
-    @classmethod
-    def build_network(cls, plans_manager, configuration_manager, num_input_channels,
-                      num_output_channels, enable_deep_supervision):
-        return cls.network_class.from_plans(configuration_manager, num_input_channels,
-                                            num_output_channels, enable_deep_supervision)
-
     def configure_optimizers(self):
         optimizer, _ = super().configure_optimizers()  # RAdam(lr, weight_decay)
         lr, epochs = self.initial_lr, self.num_epochs

@@ -16,12 +16,6 @@ class UMambaBotTrainer(MambaTrainerBase):
 
     network_class = UMambaBot
 
-    @classmethod
-    def build_network(cls, plans_manager, configuration_manager, num_input_channels,
-                      num_output_channels, enable_deep_supervision):
-        return cls.network_class.from_plans(configuration_manager, num_input_channels,
-                                            num_output_channels, enable_deep_supervision)
-
 
 class UMambaEncTrainer(UMambaBotTrainer):
     """U-Mamba Enc (a Mamba layer after every encoder stage) with nnU-Net's default training."""

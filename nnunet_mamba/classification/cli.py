@@ -102,6 +102,7 @@ def _train(args: argparse.Namespace) -> int:
                        label_column=args.label_column, classes=args.classes)
     results = cross_validate(table, config, settings, args.out, overwrite=args.overwrite,
                              id_column=args.id_column)
-    print(f"results: {args.out}/results.md, results.json, roc.png; mean AUC "
+    roc = ", roc.png" if len(results["classes"]) == 2 else ""
+    print(f"results: {args.out}/results.md, results.json{roc}; mean AUC "
           f"{results['mean']['AUC']:.4f} ± {results['std']['AUC']:.4f}")
     return 0

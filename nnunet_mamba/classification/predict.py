@@ -37,6 +37,18 @@ def load_plans(model_dir: Path) -> dict:
     return plans
 
 
+def _check_columns(csv_path: Path, needed: Sequence[str], model_dir: Path) -> None:
+    if not csv_path.is_file():
+        raise UserError(f"{csv_path}: CSV file not found; pass an existing file with --csv")
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        header = [h.strip() for h in next(csv.reader(f), [])]
+    missing = [c for c in needed if c not in header]
+    if missing:
+        raise UserError(f"{csv_path}: column(s) {missing} missing (columns: {header}); the model "
+                        f"in {model_dir} was trained with id and image columns {list(needed)}: "
+                        "name the columns of the new CSV the same way")
+
+
 def load_fold_models(model_dir: Path, plans: dict, device: torch.device,
                      folds: Optional[Sequence[int]] = None):
     """[(fold entry, model in eval mode)] for the requested folds (default: all trained)."""
@@ -68,6 +80,7 @@ def predict_csv(model_dir: str | Path, csv_path: str | Path, out_csv: str | Path
     """Write ``out_csv`` with columns subject, n_images, prob_<class>..., predicted_class."""
     model_dir = Path(model_dir)
     plans = load_plans(model_dir)
+    _check_columns(Path(csv_path), [plans["id_column"], *plans["image_columns"]], model_dir)
     table = read_table(csv_path, id_column=plans["id_column"],
                        image_columns=plans["image_columns"], require_labels=False)
     config = PreprocessingConfig.from_dict(plans["preprocessing"])

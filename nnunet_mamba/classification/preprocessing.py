@@ -3,7 +3,8 @@
 Per row (one image per channel), in this order:
 
 1. read with SimpleITK and reorient with ``SimpleITK.DICOMOrient`` (default ``RAS``); the
-   channels of a row must share one voxel grid;
+   channels of a row must share one voxel grid; truncated NIfTI files (which ITK would
+   zero-fill silently) are refused;
 2. crop to the non-zero bounding box (nnU-Net's
    ``nnunetv2.preprocessing.cropping.cropping.crop_to_nonzero``; a no-op for images
    without a zero background);
@@ -130,8 +131,43 @@ def median_spacing(spacings: Sequence[Sequence[float]]) -> tuple[float, float, f
     return tuple(float(s) for s in np.median(np.asarray(spacings, dtype=float), axis=0))
 
 
+def check_nifti_complete(path: Path) -> None:
+    """Raise a UserError if a NIfTI file holds fewer voxel bytes than its header declares.
+
+    ITK's NIfTI reader fills the missing part of a truncated ``.nii`` / ``.nii.gz`` with zeros
+    without an error; this check (header via nibabel, byte count of the file or of the
+    decompressed stream) turns that into an error. Other formats are left to ITK.
+    """
+    name = Path(path).name.lower()
+    if not (name.endswith(".nii") or name.endswith(".nii.gz")):
+        return
+    import gzip
+
+    import nibabel
+    try:
+        proxy = nibabel.load(str(path)).dataobj
+        expected = int(proxy.offset) + int(np.prod(proxy.shape)) * np.dtype(proxy.dtype).itemsize
+    except Exception as e:  # nibabel's header errors vary by version
+        raise UserError(f"{path}: invalid NIfTI header ({e}); replace the file") from None
+    if name.endswith(".gz"):
+        size = 0
+        try:
+            with gzip.open(path, "rb") as f:
+                while chunk := f.read(1 << 22):
+                    size += len(chunk)
+        except (EOFError, OSError) as e:
+            raise UserError(f"{path}: the compressed file is damaged or truncated ({e}); "
+                            "replace the file") from None
+    else:
+        size = Path(path).stat().st_size
+    if size < expected:
+        raise UserError(f"{path}: truncated NIfTI file ({size} bytes of {expected} declared by "
+                        "its header); replace the file")
+
+
 def _load_oriented(path: Path, orientation: str):
     import SimpleITK as sitk
+    check_nifti_complete(path)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as e:

@@ -236,7 +236,7 @@ def train_fold(split: FoldSplit, files: Sequence[Path], labels: Sequence[int],
         pin_memory=device.type == "cuda", persistent_workers=s.num_workers > 0)
     val_files, val_rows = pick(split.val, files), pick(split.val, row_subjects)
     val_y_rows = np.array(pick(split.val, labels))
-    val_subjects, val_y = mean_per_subject(val_y_rows.astype(float), val_rows)
+    _, val_y = mean_per_subject(val_y_rows.astype(float), val_rows)
     val_y = val_y.astype(int)
 
     history, best, best_key, best_state = [], None, None, None

@@ -136,7 +136,8 @@ class ResNet3D(nn.Module):
     Stride-2 :class:`DoubleConv` stem, three residual stages (2, 4, 8 x ``base_channels``),
     global average pooling of the last stage (8 x ``base_channels`` = 256 features) and the
     same :class:`ClassificationHead` (256 -> ``base_channels`` -> num_classes) as
-    :class:`nnMambaCls`. At the defaults it has 0.3 M parameters fewer than nnMambaCls.
+    :class:`nnMambaCls`. At the defaults (1 channel, 2 classes): 12.86 M parameters,
+    nnMambaCls 12.91 M.
     """
 
     def __init__(self, in_channels: int, num_classes: int, base_channels: int = 32,

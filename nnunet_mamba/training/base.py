@@ -66,7 +66,9 @@ class MambaTrainerBase(nnUNetTrainer):
     """nnU-Net trainer whose network and optimiser settings come from class attributes.
 
     Subclasses set ``network_class`` (called as ``network_class(in_channels, num_classes,
-    deep_supervision=..., **network_kwargs)``) or override :meth:`build_network`, and may set
+    deep_supervision=..., **network_kwargs)``, or ``network_class.from_plans(
+    configuration_manager, in_channels, num_classes, deep_supervision, **network_kwargs)``
+    when the class builds itself from the plans) or override :meth:`build_network`; they set
     ``optimizer`` ('sgd', 'adam', 'adamw', 'radam'), ``initial_lr``, ``weight_decay``,
     ``num_epochs``, ``num_iterations_per_epoch``, ``num_val_iterations_per_epoch``.
     """
@@ -94,6 +96,10 @@ class MambaTrainerBase(nnUNetTrainer):
                       num_output_channels: int, enable_deep_supervision: bool) -> nn.Module:
         if cls.network_class is None:
             raise NotImplementedError(f"{cls.__name__} sets no network_class")
+        if hasattr(cls.network_class, "from_plans"):  # networks built on the plans' U-Net
+            return cls.network_class.from_plans(configuration_manager, num_input_channels,
+                                                num_output_channels, enable_deep_supervision,
+                                                **cls.network_kwargs)
         return cls.network_class(num_input_channels, num_output_channels,
                                  deep_supervision=enable_deep_supervision, **cls.network_kwargs)
 
