@@ -241,13 +241,14 @@ def benchmark(args) -> list[dict]:
 
     rows = []
     itemsize = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
+    timeout = 1.5 * args.max_seconds + 30  # a run past this is stopped and reported
     for device in args.devices:
         methods = [m for m in args.backends if m in available_methods(device)]
         missing = [m for m in args.backends if m not in methods]
         if missing:
             print(f"[{device}] not available: {', '.join(missing)}", flush=True)
         for method in methods:
-            done = []
+            done, too_slow = [], []
             for L in sorted(args.lengths):
                 for dim in sorted(args.dims):
                     spec = dict(device=device, method=method, batch=args.batch, dim=dim, L=L,
@@ -256,16 +257,26 @@ def benchmark(args) -> list[dict]:
                     row = dict(spec)
                     est = predict_seconds(method, dim, L, done)
                     need = loop_memory_estimate(args.batch, dim, L, args.d_state, itemsize)
-                    if est is not None and est > args.max_seconds:
+                    slower_than = [(d0, L0) for d0, L0 in too_slow if dim >= d0 and L >= L0]
+                    if slower_than:
+                        d0, L0 = slower_than[0]
+                        row["skipped"] = (f"skipped (d_inner {d0}, L {length_label(L0)} already "
+                                          f"took >{timeout:.0f} s)")
+                    elif est is not None and est > args.max_seconds:
                         row["skipped"] = f"skipped (~{est:.0f} s > {args.max_seconds:.0f} s)"
                     elif method in LOOPS and device == "cpu" and need > 0.8 * mem_available_bytes():
                         row["skipped"] = f"skipped (needs ~{need / 2**30:.0f} GB)"
                     else:
-                        row.update(run_config(spec, timeout=1.5 * args.max_seconds + 30))
+                        row.update(run_config(spec, timeout=timeout))
                         if "total_s" in row:
                             done.append((dim, L, row["total_s"]))
+                        elif row["skipped"].startswith("skipped (>"):
+                            too_slow.append((dim, L))
                     rows.append(row)
                     print(format_row(row), flush=True)
+                    if args.json:  # after every row, so an interrupted run keeps its rows
+                        with open(args.json, "w") as f:
+                            json.dump(rows, f, indent=1)
     return rows
 
 
@@ -388,8 +399,6 @@ def main(argv=None) -> int:
         return 1
     print_table(rows)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
         print(f"rows written to {args.json}")
     return 0
 

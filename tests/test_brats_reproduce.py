@@ -61,7 +61,7 @@ def _run_cli(argv):
 
 def _args(src, work, preset, *extra):
     return ["brats2023", "reproduce", str(src), "--trainers", *TRAINERS, "-d", str(DATASET_ID), "--work", str(work),
-            "--device", "cpu", "--preset", str(preset), "-j", "2", *extra]
+            "--device", "cpu", "--preset", str(preset), "-j", "1", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,11 @@ def reproduced(tmp_path_factory):
     synthesize_dataset(src, N_CASES, SHAPE, seed=0)
     preset.write_text(json.dumps(PRESET))
     env = nnunet_env(work)  # what reproduce --work gives the nnU-Net subprocesses
-    saved = {k: os.environ.get(k) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    # fewer worker processes on a 2-core CI machine: augmentation in the training process
+    # itself, one export worker (reproduce passes the user's values through)
+    env.update({"nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1"})
+    saved = {k: os.environ.get(k) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results",
+                                            "nnUNet_n_proc_DA", "nnUNet_def_n_proc")}
     os.environ.update({k: env[k] for k in saved})
     try:
         t0 = time.time()
@@ -102,7 +106,7 @@ def reproduced(tmp_path_factory):
 def test_reproduce_writes_table_csv_json_png(reproduced):
     out = reproduced["out"]
     raw = reproduced["work"] / "nnUNet_raw" / f"Dataset{DATASET_ID:03d}_BraTS2023GLI"
-    content = json.loads((out / "reproduce.json").read_text())
+    content = reproduced["first_json"]  # reproduce.json as the first run wrote it
     protocol = content["protocol"]
     assert protocol["split"]["seed"] == 12345 and protocol["split"]["counts"] == {"train": 5, "val": 1, "test": 2}
     assert protocol["folds"] == [5] and protocol["configuration"] == "3d_fullres"
@@ -323,7 +327,8 @@ def test_job_runner_one_job_per_gpu_slot(tmp_path):
     runs = [json.loads((tmp_path / f"{i}.json").read_text()) for i in range(3)]
     assert {r[0] for r in runs} <= {"3", "5"} and {j.slot for j in jobs} <= {"3", "5"}
     assert all(r[0] == j.slot for r, j in zip(runs, jobs))
-    overlapping = [(a, b) for a in range(3) for b in range(a + 1, 3) if runs[a][1] < runs[b][2] and runs[b][1] < runs[a][2]]
+    overlapping = [(a, b) for a in range(3) for b in range(a + 1, 3)
+                   if runs[a][1] < runs[b][2] and runs[b][1] < runs[a][2]]
     assert overlapping, "two slots, but the jobs ran one after another"
     for a, b in overlapping:
         assert runs[a][0] != runs[b][0], "two jobs shared one GPU at the same time"
@@ -336,6 +341,7 @@ def test_job_runner_reports_failures_after_the_others_finish(tmp_path):
     jobs = [Job("bad", [python, "-c", "raise SystemExit(3)"], tmp_path / "bad.log"),
             Job("good", [python, "-c", "open(r'%s', 'w').write('done')" % (tmp_path / "good.txt")],
                 tmp_path / "good.log")]
-    with pytest.raises(UserError, match=r"(?s)1 of 2 command\(s\) failed.*bad: command failed with exit code 3.*bad\.log"):
+    expected = r"(?s)1 of 2 command\(s\) failed.*bad: command failed with exit code 3.*bad\.log"
+    with pytest.raises(UserError, match=expected):
         JobRunner(dict(os.environ), [None]).run(jobs)
     assert (tmp_path / "good.txt").read_text() == "done"

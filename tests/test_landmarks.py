@@ -18,6 +18,7 @@ from nnunet_mamba.landmarks.data import load_training_cases
 from nnunet_mamba.landmarks.geometry import (WorkingGrid, array_to_index, index_to_array,
                                              index_to_world, world_to_index)
 from nnunet_mamba.landmarks.heatmaps import decode_heatmaps, gaussian_heatmaps
+from nnunet_mamba.landmarks.inference import predict_heatmaps
 from nnunet_mamba.landmarks.io import read_landmarks, write_landmarks
 from nnunet_mamba.landmarks.metrics import evaluate_folders
 from nnunet_mamba.landmarks.synth import synthesize_dataset
@@ -70,10 +71,12 @@ def test_working_grid_covers_the_image_and_maps_landmarks_exactly():
     arr = np.exp(-((vox - point) ** 2).sum(-1) / (2 * 4.0 ** 2)).astype(np.float32)
     blob = sitk.GetImageFromArray(arr)
     blob.CopyInformation(img)
-    resampled = sitk.GetArrayFromImage(grid.resample(blob, antialias=False))
     coords = grid.world_to_array([point])[0]
-    found, _ = decode_heatmaps(torch.from_numpy(resampled)[None], radius=2, sharpen=8.0)
-    assert np.linalg.norm(found[0] - coords) < 0.3
+    for antialias in (False, True):  # x shrinks (40 -> 32 voxels): smoothed with antialias
+        resampled = sitk.GetArrayFromImage(grid.resample(blob, antialias=antialias))
+        assert resampled.shape == (32, 32, 32)
+        found, _ = decode_heatmaps(torch.from_numpy(resampled)[None], radius=2, sharpen=8.0)
+        assert np.linalg.norm(found[0] - coords) < 0.3
     np.testing.assert_allclose(grid.array_to_world([coords])[0], point, atol=1e-9)
     assert WorkingGrid.from_dict(json.loads(json.dumps(grid.to_dict()))) == grid
 
@@ -261,14 +264,52 @@ def test_nnmamba_landmark_has_one_mamba_layer_at_the_first_block():
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert n(net) - n(base) == n(layers[0])
     assert not net.decoder.deep_supervision
-    x = torch.randn(2, 1, 20, 24, 18)
+    x = torch.randn(1, 1, 20, 24, 18)
     out = net(x)
-    assert out.shape == (2, 6, 20, 24, 18) and base(x).shape == out.shape
+    assert out.shape == (1, 6, 20, 24, 18) and base(x).shape == out.shape
     out.square().mean().backward()
     assert all(p.grad is not None for p in net.parameters())
 
 
+def test_fold_ensemble_averages_the_heatmaps():
+    torch.manual_seed(0)
+    nets = [ResUNetLandmark(1, 2, base_channels=4, blocks_per_stage=1).eval() for _ in range(2)]
+    for net in nets:
+        torch.nn.init.normal_(net.decoder.seg_head.weight)  # the head starts at zero
+    image = np.random.default_rng(0).normal(size=(16, 16, 16)).astype(np.float32)
+    mean = predict_heatmaps(nets, image, torch.device("cpu"))
+    with torch.no_grad():
+        each = [net(torch.from_numpy(image)[None, None])[0] for net in nets]
+    torch.testing.assert_close(mean, (each[0] + each[1]) / 2)
+    assert not torch.allclose(each[0], each[1])
+
+
 # ----------------------------------------------------------------------------- training
+def test_cross_validation_writes_splits_logs_and_the_pooled_evaluation(small_dataset, tmp_path,
+                                                                        capsys):
+    out = tmp_path / "cv"
+    args = ["landmarks", "train", "--data", str(small_dataset), "--out", str(out), "--size",
+            "16", "16", "16", "--sigma", "2", "--epochs", "2", "--iterations-per-epoch", "1",
+            "--folds", "2", "--model", "resunet", "--base-channels", "4",
+            "--blocks-per-stage", "1", "--device", "cpu"]
+    assert cli_main(args + ["--flip-pairs", "bright:nose"]) == 2
+    assert "--flip-pairs names unknown landmark(s) nose" in capsys.readouterr().err
+    assert cli_main(args + ["--flip-pairs", "bright:dark"]) == 0
+    stdout = capsys.readouterr().out
+    assert "fold 1 epoch   2/2  train loss" in stdout and "2-fold cross-validation" in stdout
+    splits = json.loads((out / "splits.json").read_text())
+    assert sorted(splits[0]["val"] + splits[1]["val"]) == [f"case_{i:03d}" for i in range(4)]
+    summary = json.loads((out / "cv_evaluation" / "summary.json").read_text())
+    assert sorted(summary["cases"]) == [f"case_{i:03d}" for i in range(4)]
+    assert (out / "cv_evaluation" / "summary.md").read_text().startswith("| Landmark |")
+    config = json.loads((out / "config.json").read_text())
+    assert config["augmentation"]["flip_pairs"] == [["bright", "dark"]]
+    assert (out / "fold_1" / "progress.png").read_bytes()[:4] == b"\x89PNG"
+    # a second run does not silently overwrite trained folds
+    assert cli_main(args) == 2
+    assert "already holds a trained model" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A small nnMamba trained on fold 0 of a synthetic set through the CLI."""
@@ -276,9 +317,9 @@ def trained(tmp_path_factory):
     data, model = root / "data", root / "model"
     assert cli_main(["landmarks", "synth", str(data), "--cases", "20", "--seed", "1"]) == 0
     rc = cli_main(["landmarks", "train", "--data", str(data), "--out", str(model),
-                   "--size", "32", "32", "32", "--sigma", "3", "--epochs", "25",
+                   "--size", "32", "32", "32", "--sigma", "3", "--epochs", "7",
                    "--folds", "4", "--fold", "0", "--base-channels", "8",
-                   "--blocks-per-stage", "1", "--lr", "2e-3", "--val-every", "5",
+                   "--blocks-per-stage", "1", "--lr", "2e-3", "--val-every", "4",
                    "--device", "cpu", "--quiet"])
     assert rc == 0
     return data, model
@@ -291,8 +332,8 @@ def test_training_reaches_an_mre_under_two_voxels(trained):
                  "progress.json"):
         assert (fold / name).is_file(), name
     history = json.loads((fold / "progress.json").read_text())
-    assert len(history) == 25 and history[-1]["train_loss"] < history[0]["train_loss"]
-    assert "epoch  25/25" in (fold / "log.txt").read_text()
+    assert len(history) == 7 and history[-1]["train_loss"] < history[0]["train_loss"]
+    assert "epoch   7/7" in (fold / "log.txt").read_text()
     config = json.loads((model / "config.json").read_text())
     assert config["landmarks"] == ["bright", "dark", "wide"] and config["model"] == "nnmamba"
     assert config["optimizer"] == {"name": "Adam", "lr": 2e-3, "weight_decay": 0.0,
@@ -336,7 +377,8 @@ def test_predict_then_evaluate_through_the_cli(trained, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| **All** |" in out and "SDR 2.5 mm (%)" in out
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
-    fold_summary = json.loads((model / "fold_0" / "validation_metrics" / "summary.json").read_text())
+    fold_summary = json.loads(
+        (model / "fold_0" / "validation_metrics" / "summary.json").read_text())
     # predicting the validation cases with the fold-0 model reproduces its validation MRE
     assert math.isclose(summary["overall"]["mre_mm"], fold_summary["overall"]["mre_mm"],
                         rel_tol=1e-4)

@@ -533,7 +533,10 @@ def plan_and_preprocess(opts, folders, dataset: DatasetState | None, runner: Job
             log.add("plan_and_preprocess", "planned", f"{len(missing)} item(s) missing, e.g. {missing[0]}",
                     command=job.shell())
         else:
-            JobRunner(runner.env, [None]).run([job])
+            env = dict(runner.env)
+            if env.get("nnUNet_n_proc_DA", "").strip() == "0":  # nnU-Net's planner does set_num_threads(n_proc_DA)
+                env["nnUNet_n_proc_DA"] = "1"
+            JobRunner(env, [None]).run([job])
             still = preprocessed_missing(folders, name, opts.plans, cases)
             if still:
                 raise UserError(f"{job.argv[0]} finished but {len(still)} item(s) are missing, e.g. {still[0]}; "
@@ -828,6 +831,40 @@ def command_line(opts: ReproduceOptions) -> str:
     return " ".join(parts)
 
 
+def protocol_record(opts: ReproduceOptions, dataset: DatasetState, plans_id: str, conf: dict, classes: dict,
+                    slots, env: dict) -> dict:
+    """The protocol as run: data, split, folds, plans, trainers, inference, metrics (for reproduce.json)."""
+    from .metrics import get_convention, hd95_library
+
+    record = dataset.record
+    return {
+        "paper": "Gong et al. 2024, nnMamba, Sec. 3.2 and Table 1 (BraTS 2023 GLI, 7:1:2 split, nnU-Net)",
+        "source": str(Path(opts.src).resolve()),
+        "dataset": {"id": opts.dataset_id, "name": dataset.name, "raw": str(dataset.folder)},
+        "split": {"seed": record["seed"], "fractions": record.get("fractions", PAPER_FRACTIONS),
+                  "counts": {k: len(record[k]) for k in ("train", "val", "test")},
+                  "method": record.get("method"), "test_cases": dataset.test_cases},
+        "channels": {f"_{i:04d}": m for i, m in enumerate(CHANNEL_ORDER)},
+        "regions": {r: list(v) for r, v in REGIONS.items()},
+        "regions_class_order": list(REGIONS_CLASS_ORDER),
+        "folds": list(opts.folds),
+        "folds_meaning": (f"splits_final.json: folds 0-{N_FOLDS - 1} 5-fold CV over train + val; fold "
+                          f"{PAPER_FOLD} the paper's train -> val split"),
+        "configuration": CONFIGURATION,
+        "plans": {"source": opts.plans, "preset": opts.preset, "identifier": plans_id,
+                  "patch_size": conf["patch_size"], "batch_size": conf["batch_size"], "spacing": conf["spacing"]},
+        "trainers": {n: f"{c.__module__}.{c.__name__}" for n, c in classes.items()},
+        "device": opts.device, "parallel_gpus": list(slots) if opts.device == "cuda" else [],
+        "inference": ("nnUNetv2_predict -f <folds>: sliding window (step 0.5, Gaussian weighting), mirroring "
+                      "test-time augmentation, logits averaged over the folds, sigmoid > 0.5 per region, painted "
+                      f"in regions_class_order {list(REGIONS_CLASS_ORDER)}"),
+        "metrics": {"convention": asdict(get_convention(opts.convention)), "hd95": hd95_library(),
+                    "dice": "2|P&R| / (|P|+|R|) on the region masks",
+                    "table": "per region: mean over test cases; Average: mean over WT, TC, ET"},
+        "environment": {k: env.get(k) for k in ("nnUNet_compile", "nnUNet_n_proc_DA", "nnUNet_def_n_proc")},
+    }
+
+
 def _method_key(trainer: str, folds) -> str:
     return f"{trainer}__folds_{'_'.join(map(str, folds))}"
 
@@ -906,7 +943,7 @@ def reproduce(opts: ReproduceOptions) -> dict | None:
             log.add(job.name, "ran", f"{len(test_cases)} case(s) -> {job.prediction.output}", job.seconds)
 
     # 5. evaluation and the table
-    from .metrics import evaluate_folder, get_convention, hd95_library, write_results
+    from .metrics import evaluate_folder, get_convention, write_results
 
     summaries = {}
     t0 = time.time()
@@ -923,9 +960,10 @@ def reproduce(opts: ReproduceOptions) -> dict | None:
     folds_text = (f"fold {PAPER_FOLD} (the paper's split: {len(record['train'])} train -> {len(record['val'])} val)"
                   if opts.folds == (PAPER_FOLD,) else
                   f"ensemble of cross-validation fold(s) {', '.join(map(str, opts.folds))}")
-    caption = (f"BraTS 2023 GLI, held-out test split ({len(test_cases)} cases, seed {record['seed']}); {folds_text}; "
-               f"plans {plans_id} ({CONFIGURATION}, patch {conf['patch_size']}, batch {conf['batch_size']}); Dice in %, "
-               f"HD95 in mm, mean over test cases; empty masks: {get_convention(opts.convention).source}.")
+    caption = (f"BraTS 2023 GLI, held-out test split ({len(test_cases)} cases, seed {record['seed']}); "
+               f"{folds_text}; plans {plans_id} ({CONFIGURATION}, patch {conf['patch_size']}, batch "
+               f"{conf['batch_size']}); Dice in %, HD95 in mm, mean over test cases; empty masks: "
+               f"{get_convention(opts.convention).source}.")
     markdown = format_table1_markdown(rows)
     out.mkdir(parents=True, exist_ok=True)
     md_path = out / "table1.md"
@@ -935,48 +973,21 @@ def reproduce(opts: ReproduceOptions) -> dict | None:
     csv_path = write_table1_csv(rows, out / "table1.csv")
     png_path = plot_per_case(summaries, out / "table1_boxplot.png",
                              f"BraTS 2023 GLI test split ({len(test_cases)} cases), {folds_text}")
+    json_path = out / "reproduce.json"
     content = {
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": command_line(opts),
-        "protocol": {
-            "paper": "Gong et al. 2024, nnMamba, Sec. 3.2 and Table 1 (BraTS 2023 GLI, 7:1:2 split, nnU-Net)",
-            "source": str(Path(opts.src).resolve()),
-            "dataset": {"id": opts.dataset_id, "name": dataset_name, "raw": str(dataset.folder)},
-            "split": {"seed": record["seed"], "fractions": record.get("fractions", PAPER_FRACTIONS),
-                      "counts": {k: len(record[k]) for k in ("train", "val", "test")},
-                      "method": record.get("method"), "test_cases": test_cases},
-            "channels": {f"_{i:04d}": m for i, m in enumerate(CHANNEL_ORDER)},
-            "regions": {r: list(v) for r, v in REGIONS.items()},
-            "regions_class_order": list(REGIONS_CLASS_ORDER),
-            "folds": list(opts.folds),
-            "folds_meaning": (f"splits_final.json: folds 0-{N_FOLDS - 1} 5-fold CV over train + val; fold "
-                              f"{PAPER_FOLD} the paper's train -> val split"),
-            "configuration": CONFIGURATION,
-            "plans": {"source": opts.plans, "preset": opts.preset, "identifier": plans_id,
-                      "patch_size": conf["patch_size"], "batch_size": conf["batch_size"], "spacing": conf["spacing"]},
-            "trainers": {n: f"{c.__module__}.{c.__name__}" for n, c in classes.items()},
-            "device": opts.device, "parallel_gpus": list(slots) if opts.device == "cuda" else [],
-            "inference": ("nnUNetv2_predict -f <folds>: sliding window (step 0.5, Gaussian weighting), mirroring "
-                          "test-time augmentation, logits averaged over the folds, sigmoid > 0.5 per region, painted "
-                          f"in regions_class_order {list(REGIONS_CLASS_ORDER)}"),
-            "metrics": {"convention": asdict(get_convention(opts.convention)), "hd95": hd95_library(),
-                        "dice": "2|P&R| / (|P|+|R|) on the region masks",
-                        "table": "per region: mean over test cases; Average: mean over WT, TC, ET"},
-            "environment": {k: env.get(k) for k in ("nnUNet_compile", "nnUNet_n_proc_DA", "nnUNet_def_n_proc")},
-        },
+        "protocol": protocol_record(opts, dataset, plans_id, conf, classes, slots, env),
         "versions": versions(opts.device, slots),
         "steps": log.steps,
         "seconds_total": round(time.time() - started, 1),
-        "table": {"markdown": markdown, "caption": caption,
-                  "rows": [asdict(r) for r in rows], "paper": {m: {"dice": d, "hd95": h}
-                                                               for m, (d, h) in PAPER_TABLE1.items()}},
+        "table": {"markdown": markdown, "caption": caption, "rows": [asdict(r) for r in rows],
+                  "paper": {m: {"dice": d, "hd95": h} for m, (d, h) in PAPER_TABLE1.items()}},
         "results": summaries,
-        "files": {"markdown": str(md_path), "csv": str(csv_path), "boxplot": str(png_path),
+        "files": {"markdown": str(md_path), "csv": str(csv_path), "boxplot": str(png_path), "json": str(json_path),
                   "metrics": str(out / "metrics"), "predictions": str(out / "predictions"), "logs": str(logs)},
     }
-    json_path = out / "reproduce.json"
     json_path.write_text(json.dumps(content, indent=2) + "\n")
-    content["files"]["json"] = str(json_path)
     print(f"\n{caption}\n\n{markdown}\n")
     print(f"wrote {md_path}, {csv_path}, {png_path} and {json_path} ({time.time() - started:.0f} s)")
     return content

@@ -119,7 +119,8 @@ class LandmarkAugmenter:
         if config.flip_axis not in FLIP_AXES:
             raise ValueError(f"flip_axis must be one of {', '.join(FLIP_AXES)}")
 
-    def _sample_affine(self, shape: np.ndarray, coords: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _sample_affine(self, shape: np.ndarray, coords: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray]:
         cfg, rng = self.config, self.rng
         centre = (shape - 1) / 2.0
         if rng.random() >= cfg.affine_prob:

@@ -121,7 +121,8 @@ def load_training_cases(data_dir, size: Sequence[int], antialias: bool = True,
     cases = discover_dataset(data_dir)
     marks = {c.case_id: read_landmarks(c.landmarks) for c in cases}
     names = check_landmark_names(marks, expected=names,
-                                 files={c.case_id: c.landmarks for c in cases})
+                                 files={c.case_id: c.landmarks for c in cases},
+                                 expected_from="the given landmark names")
     for c in cases:  # all checks on the headers, before the (slow) reading and resampling
         probe, img_size = read_image_header(c.image, c.case_id)
         check_inside(probe, img_size, marks[c.case_id], c.case_id, c.image, c.landmarks)

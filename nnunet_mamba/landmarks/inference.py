@@ -132,8 +132,10 @@ def predict_folder(model: LandmarkModel, images_dir, out_dir, device: torch.devi
         index = world_to_index(image, world)
         write_landmarks(out_dir / f"{case}.json", dict(zip(model.names, world)),
                         confidence={n: float(c) for n, c in zip(model.names, conf)},
-                        voxel_index={n: [float(v) for v in ix] for n, ix in zip(model.names, index)},
-                        image=str(path), model=str(model.folder), folds=model.folds)
+                        voxel_index={n: [float(v) for v in ix]
+                                     for n, ix in zip(model.names, index)},
+                        image=str(path), model=str(model.folder), folds=model.folds,
+                        working_grid=grid.to_dict())
         if log is not None:
             low = [n for n, c in zip(model.names, conf) if c < 0.3]
             log(f"[{i}/{len(images)}] {case}: mean confidence {float(np.mean(conf)):.2f}"

@@ -190,10 +190,11 @@ def discover_dataset(data_dir) -> list[LandmarkCase]:
     missing = [c for c in images if c not in marks]
     if missing:
         c = missing[0]
-        raise UserError(f"case {c!r} ({images[c]}) has no landmark file; expected {lm_dir / c}.json "
-                        f"or {lm_dir / c}.csv. Add it, or move the image out of {img_dir}"
-                        + (f" ({len(missing)} cases lack one: {', '.join(missing[:5])}"
-                           f"{', ...' if len(missing) > 5 else ''})." if len(missing) > 1 else "."))
+        more = (f" ({len(missing)} cases lack one: {', '.join(missing[:5])}"
+                f"{', ...' if len(missing) > 5 else ''})" if len(missing) > 1 else "")
+        raise UserError(f"case {c!r} ({images[c]}) has no landmark file; expected "
+                        f"{lm_dir / c}.json or {lm_dir / c}.csv. Add it, or move the image out "
+                        f"of {img_dir}{more}.")
     orphans = [c for c in marks if c not in images]
     if orphans:
         raise UserError(f"landmark file {marks[orphans[0]]} has no image {img_dir / orphans[0]}"
@@ -203,11 +204,12 @@ def discover_dataset(data_dir) -> list[LandmarkCase]:
 
 def check_landmark_names(per_case: Mapping[str, Mapping[str, object]],
                          expected: Optional[Sequence[str]] = None,
-                         files: Optional[Mapping[str, Path]] = None) -> list[str]:
+                         files: Optional[Mapping[str, Path]] = None,
+                         expected_from: str = "the expected landmarks") -> list[str]:
     """The landmark names shared by all cases (order of ``expected`` or the first case).
 
     Raises :class:`UserError` naming the first case whose set differs (missing or extra
-    names) and the fix.
+    names) and the fix; ``expected_from`` says where ``expected`` comes from.
     """
     if not per_case:
         raise UserError("no cases with landmarks.")
@@ -218,8 +220,7 @@ def check_landmark_names(per_case: Mapping[str, Mapping[str, object]],
         extra = [n for n in marks if n not in names]
         if missing or extra:
             where = f"{files[case]}" if files and case in files else f"case {case!r}"
-            ref = ("the model's landmarks" if expected is not None
-                   else f"the landmarks of case {first!r}")
+            ref = expected_from if expected is not None else f"the landmarks of case {first!r}"
             parts = []
             if missing:
                 parts.append(f"missing {', '.join(map(repr, missing))}")

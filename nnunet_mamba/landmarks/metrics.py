@@ -91,7 +91,8 @@ def evaluate_folders(pred_dir, ref_dir, out_dir=None,
     refs = {c: read_landmarks(p) for c, p in refs_files.items()}
     names = check_landmark_names(refs, files=refs_files)
     preds = {c: read_landmarks(preds_files[c]) for c in refs}
-    check_landmark_names(preds, expected=names, files=preds_files)
+    check_landmark_names(preds, expected=names, files=preds_files,
+                         expected_from="the reference landmarks")
     errors = radial_errors(preds, refs, names)
     summary = summarize_errors(errors, names, thresholds)
     summary["pred_dir"], summary["ref_dir"] = str(pred_dir), str(ref_dir)

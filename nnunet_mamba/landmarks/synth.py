@@ -20,7 +20,7 @@ from .geometry import index_to_world
 from .io import write_landmarks
 
 #: name -> (amplitude, radius in mm) of the blob that marks the landmark
-SYNTH_BLOBS = {"bright": (2.0, 1.5), "dark": (-2.0, 1.5), "wide": (1.2, 3.0)}
+SYNTH_BLOBS = {"bright": (3.0, 1.5), "dark": (-3.0, 1.5), "wide": (1.0, 3.0)}
 
 
 def synthesize_case(rng: np.random.Generator, size: Sequence[int] = (32, 32, 24),

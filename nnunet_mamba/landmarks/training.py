@@ -218,7 +218,7 @@ def train_fold(fold: int, train_cases: Sequence[PreparedCase], val_cases: Sequen
         entry = {"epoch": epoch, "train_loss": float(np.mean(losses))}
         line = f"fold {fold} epoch {epoch:3d}/{cfg.epochs}  train loss {entry['train_loss']:.3e}"
         if val_cases and (epoch % cfg.val_every == 0 or epoch == cfg.epochs):
-            val_loss, preds, _ = validate(net, val_cases, names, cfg, device)
+            val_loss, preds, confs = validate(net, val_cases, names, cfg, device)
             errs = radial_errors(preds, refs, names)
             mre = float(np.mean([e for c in errs.values() for e in c.values()]))
             entry.update(val_loss=val_loss, val_mre_mm=mre)
@@ -236,7 +236,7 @@ def train_fold(fold: int, train_cases: Sequence[PreparedCase], val_cases: Sequen
           history[-1].get("val_mre_mm"))
     if not val_cases:
         return {}
-    _, preds, confs = validate(net, val_cases, names, cfg, device)
+    # preds / confs: the validation of the last epoch, i.e. of the final weights
     val_dir = fold_dir / "validation"
     val_dir.mkdir(exist_ok=True)
     for c in val_cases:

@@ -35,7 +35,10 @@ class HeatmapUNet(nn.Module):
 
     ``stem_mamba`` puts one MICCSS layer after the stem (nnMamba's landmark network,
     Sec. 2.2); without it the network is a plain residual U-Net (the ResUNet of Table 3).
-    Widths: ``base_channels`` in the stem, then 2x, 4x, 8x in the three stages.
+    Widths: ``base_channels`` in the stem, then 2x, 4x, 8x in the three stages. The 1x1
+    heatmap head is zero-initialised (the paper gives no initialisation; this one lets the
+    sparse peaks be learnt in tens rather than hundreds of steps) and the decoder's
+    deep-supervision heads are removed.
     """
 
     def __init__(self, in_channels: int, num_landmarks: int, base_channels: int = 32,
