@@ -19,9 +19,11 @@ Backends
 ``numba``
     Compiled CPU kernel (:mod:`nnunet_mamba.ssm.numba_scan`), used automatically for
     CPU tensors when numba imports: sequential in L, parallel over batch x channel
-    tiles, one channel per SIMD lane. The forward pass keeps the state every T steps;
-    the backward pass recomputes each chunk of T states from its checkpoint, so it never
-    holds the (L, N) states. Compiled once per machine (cached on disk).
+    tiles on ``torch.get_num_threads()`` threads, one channel per SIMD lane. The
+    forward pass keeps the state every T = 64 steps; the backward pass recomputes each
+    chunk of T states from its checkpoint, so it never holds the (L, N) states.
+    Compiled once per machine (cached on disk; the first call compiles, see the report
+    in the numba_scan docstring).
 ``torch``
     Pure PyTorch, any device. A chunked scan: the sequence is cut into K chunks
     of T ~ sqrt(L) steps; every chunk is scanned from a zero state at once
@@ -414,7 +416,7 @@ def _scan_with_core(core, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
         else:
             y, last = core.apply(u_, delta_, A_, B_, C_, for_backward)
         if D is not None:
-            y = y + u_ * D.to(work)[:, None]
+            y = torch.addcmul(y, u_, D.to(work)[:, None])  # no (b, d, L) temporary for u D
         if z is not None:
             y = y * F.silu(z.to(work))
     y = y.to(dtype_in)

@@ -83,6 +83,8 @@ class MambaTrainerBase(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
+        #: mirroring test-time augmentation in validation and prediction (nnU-Net: on)
+        self.inference_mirroring = True
         for name, value in self.hyperparameters.items():
             if not hasattr(self, name):
                 raise AttributeError(f"{type(self).__name__}: unknown hyperparameter {name!r}")
@@ -125,6 +127,12 @@ class MambaTrainerBase(nnUNetTrainer):
             return
         super().set_deep_supervision_enabled(enabled)
 
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        out = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        if not self.inference_mirroring:
+            self.inference_allowed_mirroring_axes = None  # stored in the checkpoint
+        return out
+
     # ---- optimiser -----------------------------------------------------------------------
     def configure_optimizers(self):
         params = self.network.parameters()
@@ -148,7 +156,8 @@ SHORT_VARIANTS: dict[str, dict[str, Any]] = {
     "1epoch": {"num_epochs": 1},
     "5epochs": {"num_epochs": 5},
     # a few CPU iterations for tests and CI: 1 epoch of 2 training and 1 validation batches
-    "smoke": {"num_epochs": 1, "num_iterations_per_epoch": 2, "num_val_iterations_per_epoch": 1},
+    "smoke": {"num_epochs": 1, "num_iterations_per_epoch": 2, "num_val_iterations_per_epoch": 1,
+              "inference_mirroring": False},
     # the CPU demo: 8 short epochs
     "demo": {"num_epochs": 8, "num_iterations_per_epoch": 12, "num_val_iterations_per_epoch": 2},
 }
