@@ -26,8 +26,8 @@ from nnunet_mamba.ssm.selective_scan import (BACKEND_ENV, ScanBackendError, back
 
 scan_module = importlib.import_module("nnunet_mamba.ssm.selective_scan")
 HAVE_NUMBA = backend_status("cpu")["numba"][0]
-CPU_BACKENDS = ["torch", pytest.param("numba", marks=pytest.mark.skipif(
-    not HAVE_NUMBA, reason="numba does not import"))]
+needs_numba = pytest.mark.skipif(not HAVE_NUMBA, reason=backend_status("cpu")["numba"][1])
+CPU_BACKENDS = ["torch", pytest.param("numba", marks=needs_numba)]
 
 
 # ----------------------------------------------------------------------------------------
@@ -194,7 +194,7 @@ def test_no_grad_forward_and_bf16_inputs(backend):
     assert ((y16.double() - ref).abs().max() / ref.abs().max()).item() < 0.1
 
 
-@pytest.mark.skipif(not HAVE_NUMBA, reason="numba does not import")
+@needs_numba
 def test_torch_and_numba_backends_agree():
     inputs = make_inputs(2, 40, 1000, 16, torch.float32, seed=3)
     outs = {be: run_with_grads(lambda **kw: selective_scan(**kw, backend=be), inputs,
@@ -202,7 +202,7 @@ def test_torch_and_numba_backends_agree():
     assert_all_close(outs["numba"], outs["torch"], 1e-4, "numba vs torch")
 
 
-@pytest.mark.skipif(not HAVE_NUMBA, reason="numba does not import")
+@needs_numba
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_numba_exp_is_within_a_few_ulp(dtype):
     from nnunet_mamba.ssm import numba_scan
@@ -261,7 +261,7 @@ def test_mamba_initialisation():
     torch.testing.assert_close(m.D.detach(), torch.ones(128))
 
 
-@pytest.mark.skipif(not HAVE_NUMBA, reason="numba does not import")
+@needs_numba
 def test_mamba_forward_backward_same_with_torch_and_numba():
     torch.manual_seed(0)
     m = Mamba(d_model=16)
@@ -346,7 +346,7 @@ def test_default_backends(monkeypatch):
 @pytest.mark.parametrize("value", ["torch", "numba", "auto", ""])
 def test_environment_variable_forces_the_backend(monkeypatch, value):
     if value == "numba" and not HAVE_NUMBA:
-        pytest.skip("numba does not import")
+        pytest.skip(backend_status("cpu")["numba"][1])
     monkeypatch.setenv(BACKEND_ENV, value)
     expected = value if value in ("torch", "numba") else ("numba" if HAVE_NUMBA else "torch")
     assert resolve_backend(None, "cpu") == expected
@@ -385,10 +385,10 @@ def test_unknown_backend_is_a_clear_error(monkeypatch):
 def test_numba_where_it_cannot_run(monkeypatch):
     with pytest.raises(ScanBackendError, match="'numba'.*cannot run on cuda.*CPU tensors"):
         resolve_backend("numba", "cuda")
-    monkeypatch.setattr(scan_module, "_numba_kernels",
-                        lambda: (None, "numba does not import (ImportError: no numba)"))
+    why = "the numba kernels do not load (ModuleNotFoundError: No module named 'numba')"
+    monkeypatch.setattr(scan_module, "_numba_kernels", lambda: (None, why))
     monkeypatch.delenv(BACKEND_ENV, raising=False)
     assert resolve_backend(None, "cpu") == "torch"
-    assert backend_status("cpu")["numba"] == (False, "numba does not import (ImportError: no numba)")
-    with pytest.raises(ScanBackendError, match="no numba.*pip install numba"):
+    assert backend_status("cpu")["numba"] == (False, why)
+    with pytest.raises(ScanBackendError, match="No module named 'numba'.*pip install numba"):
         selective_scan(**make_inputs(1, 4, 5, 2, torch.float32), backend="numba")

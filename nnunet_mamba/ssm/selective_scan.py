@@ -83,8 +83,8 @@ def _numba_kernels():
     """(the numba_scan module, None) when numba imports, else (None, why)."""
     try:
         from . import numba_scan
-    except Exception as e:  # numba missing, or incompatible with this numpy/llvmlite
-        return None, f"numba does not import ({type(e).__name__}: {e})"
+    except Exception as e:  # numba missing, incompatible with numpy, or no cache directory
+        return None, f"the numba kernels do not load ({type(e).__name__}: {e})"
     return numba_scan, None
 
 
