@@ -17,9 +17,11 @@ import copy
 import importlib.resources
 import json
 import os
+import sys
 from pathlib import Path
 
 from .errors import UserError
+from .safe_io import atomic_write_text, load_json
 
 
 def available_presets() -> dict[str, dict]:
@@ -78,12 +80,25 @@ def apply_preset(plans: dict, preset: dict) -> tuple[dict, list[str]]:
     return new, notes
 
 
+def patch_warnings(plans: dict, configuration: str) -> list[str]:
+    """Warnings for a configuration whose patch exceeds the median image size on some axis."""
+    conf = plans["configurations"][configuration]
+    patch, median = conf.get("patch_size"), conf.get("median_image_size_in_voxels")
+    if not patch or median is None or len(median) != len(patch) or all(p <= m for p, m in zip(patch, median)):
+        return []
+    return [f"patch {list(patch)} is larger than the median image size {[int(round(m)) for m in median]} "
+            f"(voxels at spacing {conf.get('spacing')}) along some axis: training patches would be mostly "
+            "padding. Use a preset with a smaller patch, or keep nnU-Net's planned patch"]
+
+
 def add_arguments(parser) -> None:
     sub = parser.add_subparsers(dest="action", required=True)
     ap = sub.add_parser("apply", help="write a new plans file from a preset")
     ap.add_argument("preset", help="preset name (see 'nnmamba plans list')")
     ap.add_argument("-d", "--dataset", required=True, help="dataset id or DatasetXXX_Name")
     ap.add_argument("--source", default="nnUNetPlans", help="plans identifier to start from")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace an existing output plans file that differs from the preset's result")
     sub.add_parser("list", help="list the presets")
 
 
@@ -111,11 +126,23 @@ def run(args) -> int:
     src = folder / f"{args.source}.json"
     if not src.exists():
         raise UserError(f"{src} does not exist: run nnUNetv2_plan_and_preprocess -d {args.dataset} first")
-    new, notes = apply_preset(json.loads(src.read_text()), presets[args.preset])
+    new, notes = apply_preset(load_json(src, "re-run nnUNetv2_plan_and_preprocess"), presets[args.preset])
     out = folder / f"{new['plans_name']}.json"
-    out.write_text(json.dumps(new, indent=2))
+    if os.path.realpath(out) == os.path.realpath(src):
+        raise UserError(f"the preset would write its plans onto the source {src}; choose another --source")
+    if os.path.lexists(out):
+        try:
+            same = load_json(out) == new
+        except UserError:
+            same = False
+        if not same and not getattr(args, "overwrite", False):
+            raise UserError(f"{out} already exists and differs from what preset {args.preset} gives (edited by "
+                            "hand, or made from other plans); pass --overwrite to replace it, or rename it")
+    atomic_write_text(out, json.dumps(new, indent=2), overwrite=True)
     for note in notes:
         print(f"note: {note}")
+    for warning in patch_warnings(new, presets[args.preset]["configuration"]):
+        print(f"warning: {warning}", file=sys.stderr)
     conf = new["configurations"][presets[args.preset]["configuration"]]
     print(f"wrote {out}\n  {presets[args.preset]['configuration']}: patch {conf['patch_size']}, "
           f"batch {conf['batch_size']}\nuse it with: nnUNetv2_train {args.dataset} "

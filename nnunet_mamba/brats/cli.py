@@ -61,6 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "; ".join(c.source for c in CONVENTIONS.values()))
     p.add_argument("--out", default=None, metavar="DIR",
                    help="output folder (default: PRED/brats2023_metrics_<convention>)")
+    p.add_argument("--overwrite", action="store_true", help="replace per_case.csv / summary.json in --out")
     p.add_argument("-j", "--jobs", type=int, default=default_jobs(), metavar="N",
                    help="processes (default %(default)s)")
 
@@ -134,10 +135,12 @@ def run(args) -> int:
         return 0
 
     if args.brats_command == "evaluate":
+        from ..safe_io import check_output_dir
         from .metrics import evaluate_folder, format_table, write_results
 
-        summary = evaluate_folder(args.pred, args.ref, args.convention, n_jobs=args.jobs)
         out = Path(args.out) if args.out else Path(args.pred) / f"brats2023_metrics_{args.convention}"
+        check_output_dir(out, getattr(args, "overwrite", False), names=("per_case.csv", "summary.json"))
+        summary = evaluate_folder(args.pred, args.ref, args.convention, n_jobs=args.jobs)
         csv_path, json_path = write_results(summary, out)
         if summary["ignored_predictions"]:
             print(f"note: {len(summary['ignored_predictions'])} prediction(s) without a reference were ignored: "

@@ -38,6 +38,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from ..imaging import ImageError, read_image
+from ..safe_io import remove_stale, write_json
 from .layout import (
     CHANNEL_ORDER,
     FILE_ENDING,
@@ -98,10 +100,22 @@ def find_case_folders(src: str | Path) -> tuple[list[Path], list[CaseProblem]]:
     """
     src = Path(src)
     if not src.is_dir():
-        raise UserError(f"{src} is not a folder; pass the folder holding the BraTS-GLI-XXXXX-XXX case folders")
+        what = "is a symlink loop" if src.is_symlink() and not src.exists() and _loops(src) else "is not a folder"
+        raise UserError(f"{src} {what}; pass the folder holding the BraTS-GLI-XXXXX-XXX case folders")
     cases, problems = [], []
     for entry in sorted(os.scandir(src), key=lambda e: e.name):
-        if entry.name.startswith(".") or not entry.is_dir():
+        if entry.name.startswith("."):
+            continue
+        try:
+            is_dir = entry.is_dir()
+        except OSError as e:  # a symlink loop
+            problems.append(CaseProblem(entry.name, entry.path, f"cannot be opened ({e.strerror})",
+                                        f"replace the link by the case folder or remove it from {src}"))
+            continue
+        if not is_dir:
+            if entry.is_symlink() and is_case_id(entry.name):
+                problems.append(CaseProblem(entry.name, entry.path, "dangling symlink",
+                                            f"point the link at the case folder or remove it from {src}"))
             continue
         if is_case_id(entry.name):
             cases.append(Path(entry.path))
@@ -115,6 +129,14 @@ def find_case_folders(src: str | Path) -> tuple[list[Path], list[CaseProblem]]:
         hint = f"; did you mean {inner[0]}?" if inner else ""
         raise UserError(f"no BraTS case folders (BraTS-GLI-XXXXX-XXX/) in {src}{hint}")
     return cases, problems
+
+
+def _loops(path: Path) -> bool:
+    try:
+        os.stat(path)
+    except OSError as e:
+        return e.errno == 40  # ELOOP
+    return False
 
 
 def _geometry(image):
@@ -135,30 +157,12 @@ def geometry_differences(geom, ref) -> list[str]:
     return out
 
 
-def count_nonfinite_voxels(path) -> int:
-    """NaN / inf voxels of an image file as stored on disk.
-
-    SimpleITK's NIfTI reader turns NaN into 0, which would hide them (from nnU-Net too),
-    so NIfTI files are read with nibabel; integer files without scaling cannot hold NaN
-    and are not read.
-    """
-    path = str(path)
-    if not path.endswith((".nii", ".nii.gz")):
-        import SimpleITK as sitk
-
-        return int(np.count_nonzero(~np.isfinite(sitk.GetArrayViewFromImage(sitk.ReadImage(path)))))
-    import nibabel as nib
-
-    image = nib.load(path)
-    if not np.issubdtype(image.header.get_data_dtype(), np.floating):
-        slope, inter = image.header.get_slope_inter()
-        if all(v is None or np.isfinite(v) for v in (slope, inter)):
-            return 0
-    return int(np.count_nonzero(~np.isfinite(np.asanyarray(image.dataobj))))
-
-
 def validate_case(case_dir: str | Path) -> list[CaseProblem]:
-    """All problems of one BraTS case folder (an empty list for a valid case)."""
+    """All problems of one BraTS case folder (an empty list for a valid case).
+
+    Every file is read with :func:`nnunet_mamba.imaging.read_image`, which refuses truncated
+    files (ITK would zero-fill them), NaN/inf voxels and non-3D data.
+    """
     import SimpleITK as sitk
 
     case_dir = Path(case_dir)
@@ -179,16 +183,16 @@ def validate_case(case_dir: str | Path) -> list[CaseProblem]:
                                         f"add {name} or leave case {case} out of the source folder"))
             continue
         try:
-            image = sitk.ReadImage(str(path))
-        except RuntimeError as e:
-            reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-            problems.append(CaseProblem(case, str(path), f"unreadable ({reason})",
-                                        "re-download / re-extract the file (it is corrupt or not NIfTI)"))
-            continue
-        if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-            problems.append(CaseProblem(case, str(path), f"not a 3D scalar image ({image.GetDimension()}D, "
-                                        f"{image.GetNumberOfComponentsPerPixel()} components)",
-                                        "replace it with the 3D volume from the BraTS release"))
+            image = read_image(path)
+        except ImageError as e:
+            fix = e.fix
+            if e.kind == "nonfinite" and suffix == SEG:
+                fix = "re-export the segmentation with integer labels 0-3 only"
+            elif e.kind in ("unreadable", "truncated"):
+                fix = "re-download / re-extract the file (it is corrupt, incomplete or not NIfTI)"
+            elif e.kind == "not-3d":
+                fix = "replace it with the 3D volume from the BraTS release"
+            problems.append(CaseProblem(case, str(path), e.problem, fix))
             continue
         images[suffix] = image
 
@@ -209,17 +213,6 @@ def validate_case(case_dir: str | Path) -> list[CaseProblem]:
         path = str(case_dir / expected[suffix])
         array = sitk.GetArrayViewFromImage(image)
         floating = np.issubdtype(array.dtype, np.floating)
-        try:
-            n_bad = count_nonfinite_voxels(path)
-        except Exception as e:  # nibabel cannot parse what SimpleITK could
-            problems.append(CaseProblem(case, path, f"unreadable by nibabel ({type(e).__name__}: {e})",
-                                        "re-export the file as a standard NIfTI-1 image"))
-            continue
-        if n_bad:
-            fix = ("re-export it without NaN/inf voxels (set them to 0, the BraTS background)" if suffix != SEG
-                   else "re-export the segmentation with integer labels 0-3 only")
-            problems.append(CaseProblem(case, path, f"{n_bad} NaN/inf voxel(s)", fix))
-            continue
         if suffix != SEG:
             continue
         if floating and not np.array_equal(array, np.round(array)):
@@ -369,6 +362,13 @@ def _write_json(path: Path, content) -> None:
     path.write_text(json.dumps(content, indent=2) + "\n")
 
 
+def _derived_data(pre_dataset: Path) -> list[str]:
+    """Entries of ``$nnUNet_preprocessed/<dataset>`` made from raw data (all but splits_final.json)."""
+    if not pre_dataset.is_dir():
+        return []
+    return sorted(p.name for p in pre_dataset.iterdir() if p.name != "splits_final.json")
+
+
 @dataclass(frozen=True)
 class ConversionResult:
     """What :func:`convert_brats` wrote."""
@@ -405,7 +405,9 @@ def convert_brats(src: str | Path, dataset_id: int, name: str = "BraTS2023GLI", 
         mode: 'link' (symlinks, falling back to copies where impossible) or 'copy'.
         seed: seed of the split (recorded in split.json).
         nnunet_raw / nnunet_preprocessed: default ``$nnUNet_raw`` / ``$nnUNet_preprocessed``.
-        overwrite: replace an existing dataset of the same name (and its splits_final.json).
+        overwrite: replace an existing dataset of the same name and remove what nnU-Net derived from
+            it in ``$nnUNet_preprocessed/<dataset>`` (plans, preprocessed data, gt_segmentations);
+            refused while ``$nnUNet_results/<dataset>`` holds trained models.
         n_jobs: processes for validation.
 
     Raises:
@@ -429,8 +431,26 @@ def convert_brats(src: str | Path, dataset_id: int, name: str = "BraTS2023GLI", 
             _check_dataset_id_free(folder, int(dataset_id), dataset_name, what)
     if target.exists() and not overwrite:
         raise UserError(f"{target} already exists; pass --overwrite to replace it")
-
     src = Path(src)
+    pre_dataset = preprocessed / dataset_name
+    for folder in (target, pre_dataset):
+        real_src, real_folder = os.path.realpath(src), os.path.realpath(folder)
+        if os.path.commonpath([real_src, real_folder]) == real_folder:
+            raise UserError(f"the source {src} lies in {folder}, which convert writes (and with --overwrite "
+                            "removes); pass the original BraTS folder as SRC")
+    stale = _derived_data(pre_dataset)
+    if stale and not overwrite:
+        raise UserError(f"{pre_dataset} holds {stale[0]} from an earlier conversion (nnU-Net plans / "
+                        "preprocessed data made from other raw data would be used silently); pass --overwrite "
+                        f"to remove them, or remove {pre_dataset}")
+    results_root = os.environ.get("nnUNet_results")
+    trained = Path(results_root) / dataset_name if results_root else None
+    if overwrite and trained is not None and trained.is_dir() and any(trained.iterdir()):
+        raise UserError(f"{trained} holds models trained on the dataset that --overwrite would replace; they "
+                        "would be reused as if trained on the new data. Move or remove that folder first")
+    for folder in (raw, preprocessed):
+        remove_stale(folder)  # .Dataset*.incomplete-<pid> / .old-<pid> of killed runs
+
     case_ids = validate_source(src, n_jobs=n_jobs)
     split = split_cases(case_ids, seed)
     splits = nnunet_splits(split)
@@ -485,6 +505,10 @@ def convert_brats(src: str | Path, dataset_id: int, name: str = "BraTS2023GLI", 
             "files": files_mode,
         }
         _write_json(tmp / "split.json", record)
+        if overwrite and pre_dataset.exists():  # plans, preprocessed data, gt_segmentations of the old data
+            old_pre = preprocessed / f".{dataset_name}.old-{os.getpid()}"
+            os.rename(pre_dataset, old_pre)
+            shutil.rmtree(old_pre, ignore_errors=True)
         if target.exists():  # overwrite: swap in, then drop the old one
             old = raw / f".{dataset_name}.old-{os.getpid()}"
             os.rename(target, old)
@@ -497,7 +521,5 @@ def convert_brats(src: str | Path, dataset_id: int, name: str = "BraTS2023GLI", 
         raise
 
     pre_splits.parent.mkdir(parents=True, exist_ok=True)
-    tmp_splits = pre_splits.with_name(f".splits_final.json.{os.getpid()}")
-    _write_json(tmp_splits, splits)
-    os.replace(tmp_splits, pre_splits)
+    write_json(pre_splits, splits, overwrite=True)  # temporary file + rename
     return ConversionResult(dataset_dir=target, preprocessed_splits=pre_splits, split=split, files=files_mode)

@@ -148,6 +148,8 @@ def find_reference_cases(ref_dir: str | Path) -> dict[str, Path]:
     for p in ref_dir.iterdir():
         case = _strip_ending(p.name)
         if p.is_file() and case is not None:
+            if case in flat:
+                raise UserError(f"--ref {ref_dir} holds {flat[case].name} and {p.name} for case {case}; keep one")
             flat[case] = p
     brats = {p.name: p / case_file_name(p.name, SEG) for p in ref_dir.iterdir()
              if p.is_dir() and is_case_id(p.name)}
@@ -174,25 +176,19 @@ def find_prediction_cases(pred_dir: str | Path) -> dict[str, Path]:
     for p in pred_dir.iterdir():
         case = _strip_ending(p.name)
         if p.is_file() and case is not None:
+            if case in out:
+                raise UserError(f"--pred {pred_dir} holds {out[case].name} and {p.name} for case {case}; keep one")
             out[case] = p
     return dict(sorted(out.items()))
 
 
 def _read_labels(path: Path, role: str):
-    import SimpleITK as sitk
+    from ..imaging import ImageError, read_array
 
-    from .convert import count_nonfinite_voxels
-
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as e:
-        raise UserError(f"cannot read {role} {path}: {str(e).strip().splitlines()[-1] if str(e).strip() else e}; "
-                        "re-export the file") from None
-    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise UserError(f"{role} {path} is not a 3D label image; write predictions as 3D label maps")
-    array = sitk.GetArrayFromImage(image)
-    if count_nonfinite_voxels(path):
-        raise UserError(f"{role} {path} holds NaN/inf voxels; labels must be integers 0-3")
+    try:  # the one image reader: refuses truncated / unreadable / non-3D files and NaN/inf voxels
+        array, image = read_array(path)
+    except ImageError as e:
+        raise UserError(f"{role} {e}") from None
     if np.issubdtype(array.dtype, np.floating):
         if not np.array_equal(array, np.round(array)):
             raise UserError(f"{role} {path} holds non-integer or NaN values; labels must be integers 0-3")
@@ -300,14 +296,17 @@ def write_results(summary: dict, out_dir) -> tuple[Path, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out_dir / "per_case.csv"
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["case", "region", "dice", "hd95"])
+    from ..safe_io import atomic_open, atomic_write_text
+
+    with atomic_open(csv_path, "w", overwrite=True, newline="") as f:  # temporary file + rename
+        writer = csv.writer(f)  # empty_mask: none, or which mask was empty (values from the convention)
+        writer.writerow(["case", "region", "dice", "hd95", "empty_mask"])
         for row in summary["rows"]:
-            writer.writerow([row["case"], row["region"], f"{row['dice']:.6f}", f"{row['hd95']:.6f}"])
+            writer.writerow([row["case"], row["region"], f"{row['dice']:.6f}", f"{row['hd95']:.6f}",
+                             row.get("empty", "none")])
     json_path = out_dir / "summary.json"
     content = {k: v for k, v in summary.items() if k != "rows"}
-    json_path.write_text(json.dumps(content, indent=2) + "\n")
+    atomic_write_text(json_path, json.dumps(content, indent=2) + "\n", overwrite=True)
     return csv_path, json_path
 
 

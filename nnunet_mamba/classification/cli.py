@@ -68,6 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--folds", nargs="+", type=int, default=None, help="default: all folds")
     p.add_argument("--device", default="auto")
     p.add_argument("--num-processes", type=int, default=1, help="preprocessing processes")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "predict":
         from .predict import predict_csv
         predict_csv(args.model, args.csv, args.out, device=args.device, folds=args.folds,
-                    num_processes=args.num_processes)
+                    num_processes=args.num_processes, overwrite=args.overwrite)
         return 0
     raise UserError(f"unknown action {args.action!r}; use train or predict")
 

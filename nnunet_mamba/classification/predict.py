@@ -10,7 +10,7 @@ otherwise the arg-max.
 from __future__ import annotations
 
 import csv
-import json
+import os
 import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..safe_io import atomic_open, check_output_file, confined, load_json
 from .preprocessing import PreprocessingConfig, check_images, preprocess_table
 from .table import read_table
 from .trainer import PLANS_FILE, build_model, mean_per_subject, predict_probabilities, \
@@ -30,8 +31,9 @@ def load_plans(model_dir: Path) -> dict:
     if not path.is_file():
         raise UserError(f"{model_dir}: no {PLANS_FILE}; pass the --out folder of "
                         "'nnmamba cls train' as --model")
-    with open(path) as f:
-        plans = json.load(f)
+    plans = load_json(path, "restore the file written by 'nnmamba cls train'")
+    if not isinstance(plans, dict) or not isinstance(plans.get("folds", []), list):
+        raise UserError(f"{path}: not a plans file of 'nnmamba cls train'; pass its --out folder")
     if not plans.get("folds"):
         raise UserError(f"{path}: no trained fold yet; let 'nnmamba cls train' finish a fold")
     return plans
@@ -62,11 +64,16 @@ def load_fold_models(model_dir: Path, plans: dict, device: torch.device,
         entries = [e for e in entries if e["fold"] in set(folds)]
     models = []
     for e in entries:
-        path = Path(model_dir) / e["checkpoint"]
+        path = confined(model_dir, e["checkpoint"], f"checkpoint of fold {e['fold']}")
         if not path.is_file():
             raise UserError(f"{path}: checkpoint missing; re-run training or drop fold "
                             f"{e['fold']} with --folds")
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        try:  # tensors, strings and numbers only: no code runs from a checkpoint
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # UnpicklingError for anything but plain data
+            raise UserError(f"{path}: not a checkpoint of 'nnmamba cls train' (it holds more than "
+                            f"tensors, strings and numbers, or is damaged: {type(err).__name__}); "
+                            "restore it from the training run") from None
         model = build_model(ckpt["model"], ckpt["in_channels"], ckpt["num_classes"],
                             **ckpt["model_kwargs"])
         model.load_state_dict(ckpt["state_dict"])
@@ -76,9 +83,16 @@ def load_fold_models(model_dir: Path, plans: dict, device: torch.device,
 
 def predict_csv(model_dir: str | Path, csv_path: str | Path, out_csv: str | Path,
                 device: str = "auto", folds: Optional[Sequence[int]] = None,
-                num_processes: int = 1, batch_size: int = 2) -> Path:
-    """Write ``out_csv`` with columns subject, n_images, prob_<class>..., predicted_class."""
+                num_processes: int = 1, batch_size: int = 2, overwrite: bool = False) -> Path:
+    """Write ``out_csv`` with columns subject, n_images, prob_<class>..., predicted_class.
+
+    ``out_csv`` is checked before any work (no existing file without ``overwrite``, never
+    the input CSV or a file of the model folder) and written through a temporary file."""
     model_dir = Path(model_dir)
+    check_output_file(out_csv, overwrite, inputs=[csv_path, model_dir / PLANS_FILE])
+    if os.path.commonpath([os.path.realpath(model_dir), os.path.realpath(out_csv)]) == \
+            os.path.realpath(model_dir):
+        raise UserError(f"--out {out_csv} lies in the model folder {model_dir}; write predictions elsewhere")
     plans = load_plans(model_dir)
     _check_columns(Path(csv_path), [plans["id_column"], *plans["image_columns"]], model_dir)
     table = read_table(csv_path, id_column=plans["id_column"],
@@ -102,8 +116,7 @@ def predict_csv(model_dir: str | Path, csv_path: str | Path, out_csv: str | Path
         threshold = None
         predicted = [classes[int(np.argmax(p))] for p in subject_probs]
     out_csv = Path(out_csv)
-    out_csv.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_csv, "w", newline="") as f:
+    with atomic_open(out_csv, "w", overwrite=overwrite, newline="") as f:
         w = csv.writer(f)
         w.writerow(["subject", "n_images"] + [f"prob_{c}" for c in classes] + ["predicted_class"])
         for s, p, c in zip(subjects, subject_probs, predicted):

@@ -2,9 +2,9 @@
 
 Per row (one image per channel), in this order:
 
-1. read with SimpleITK and reorient with ``SimpleITK.DICOMOrient`` (default ``RAS``); the
-   channels of a row must share one voxel grid; truncated NIfTI files (which ITK would
-   zero-fill silently) are refused;
+1. read with :func:`nnunet_mamba.imaging.read_image` (truncated files, which ITK would
+   zero-fill silently, NaN/inf voxels and non-3D images are refused) and reorient with
+   ``SimpleITK.DICOMOrient`` (default ``RAS``); the channels of a row must share one grid;
 2. crop to the non-zero bounding box (nnU-Net's
    ``nnunetv2.preprocessing.cropping.cropping.crop_to_nonzero``; a no-op for images
    without a zero background);
@@ -31,6 +31,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..errors import UserError
+from ..imaging import read_header, read_image
 from .table import CaseRow, ClassificationTable
 
 
@@ -85,22 +86,9 @@ def _oriented_permutation(direction: Sequence[float], orientation: str) -> list[
 
 
 def read_geometry(path: Path, orientation: str) -> tuple[tuple[float, ...], tuple[int, ...]]:
-    """Spacing (x, y, z) and size (x, y, z) of an image after reorientation, from its header."""
-    import SimpleITK as sitk
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as e:
-        raise UserError(f"{path}: SimpleITK cannot read this image "
-                        f"({str(e).strip().splitlines()[-1]}); check that the file is a complete "
-                        "NIfTI/NRRD/MHA image, or replace it") from None
-    if reader.GetDimension() != 3:
-        raise UserError(f"{path}: {reader.GetDimension()}D image; a 3D image is expected per "
-                        "channel column (split 4D files into one column per channel)")
-    if reader.GetNumberOfComponents() != 1:
-        raise UserError(f"{path}: vector image with {reader.GetNumberOfComponents()} components; "
-                        "store each component as its own file and column")
+    """Spacing (x, y, z) and size (x, y, z) of an image after reorientation, from its header
+    (read by :func:`nnunet_mamba.imaging.read_header`: 3D scalar images only)."""
+    reader = read_header(path)
     perm = _oriented_permutation(reader.GetDirection(), orientation)
     spacing, size = reader.GetSpacing(), reader.GetSize()
     return tuple(spacing[p] for p in perm), tuple(size[p] for p in perm)
@@ -131,52 +119,12 @@ def median_spacing(spacings: Sequence[Sequence[float]]) -> tuple[float, float, f
     return tuple(float(s) for s in np.median(np.asarray(spacings, dtype=float), axis=0))
 
 
-def check_nifti_complete(path: Path) -> None:
-    """Raise a UserError if a NIfTI file holds fewer voxel bytes than its header declares.
-
-    ITK's NIfTI reader fills the missing part of a truncated ``.nii`` / ``.nii.gz`` with zeros
-    without an error; this check (header via nibabel, byte count of the file or of the
-    decompressed stream) turns that into an error. Other formats are left to ITK.
-    """
-    name = Path(path).name.lower()
-    if not (name.endswith(".nii") or name.endswith(".nii.gz")):
-        return
-    import gzip
-
-    import nibabel
-    try:
-        proxy = nibabel.load(str(path)).dataobj
-        expected = int(proxy.offset) + int(np.prod(proxy.shape)) * np.dtype(proxy.dtype).itemsize
-    except Exception as e:  # nibabel's header errors vary by version
-        raise UserError(f"{path}: invalid NIfTI header ({e}); replace the file") from None
-    if name.endswith(".gz"):
-        size = 0
-        try:
-            with gzip.open(path, "rb") as f:
-                while chunk := f.read(1 << 22):
-                    size += len(chunk)
-        except (EOFError, OSError) as e:
-            raise UserError(f"{path}: the compressed file is damaged or truncated ({e}); "
-                            "replace the file") from None
-    else:
-        size = Path(path).stat().st_size
-    if size < expected:
-        raise UserError(f"{path}: truncated NIfTI file ({size} bytes of {expected} declared by "
-                        "its header); replace the file")
-
-
 def _load_oriented(path: Path, orientation: str):
+    """(z, y, x) float32 array and spacing of an image read by the one image reader
+    (:func:`nnunet_mamba.imaging.read_image`: truncated files and NaN/inf voxels refused)."""
     import SimpleITK as sitk
-    check_nifti_complete(path)
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as e:
-        raise UserError(f"{path}: SimpleITK cannot read this image "
-                        f"({str(e).strip().splitlines()[-1]}); replace the file") from None
-    image = sitk.DICOMOrient(image, orientation)
+    image = sitk.DICOMOrient(read_image(path), orientation)
     array = sitk.GetArrayFromImage(image).astype(np.float32)  # (z, y, x)
-    if not np.all(np.isfinite(array)):
-        raise UserError(f"{path}: the image contains NaN or infinite values; fix the file")
     return array, tuple(image.GetSpacing())[::-1]
 
 

@@ -8,6 +8,7 @@ a :class:`~nnunet_mamba.errors.UserError` naming the CSV line and the fix.
 from __future__ import annotations
 
 import csv
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,6 +174,17 @@ def _check_classes(csv_path: Path, rows: list[CaseRow], classes, label_column: s
                     "--classes")
     else:
         classes = _sort_classes(labels)
+        numbers: dict[float, list[str]] = {}
+        for c in classes:
+            try:
+                numbers.setdefault(float(c), []).append(c)
+            except ValueError:
+                pass
+        same = [v for v in numbers.values() if len(v) > 1]
+        if same:
+            raise UserError(f"{csv_path}: labels {same[0]} in column {label_column!r} are one number "
+                            "written differently and would become two classes; write them identically "
+                            "or declare --classes")
         normalised: dict[str, list[str]] = {}
         for c in classes:
             normalised.setdefault(re.sub(r"\s+", "", c).lower(), []).append(c)
@@ -197,7 +209,7 @@ def _check_classes(csv_path: Path, rows: list[CaseRow], classes, label_column: s
 
 def _check_subjects(csv_path: Path, rows: list[CaseRow]) -> None:
     first: dict[str, CaseRow] = {}
-    seen_images: dict[Path, CaseRow] = {}
+    seen_images: dict[object, tuple[Path, CaseRow]] = {}
     for r in rows:
         prev = first.setdefault(r.subject, r)
         if prev.label != r.label:
@@ -207,12 +219,23 @@ def _check_subjects(csv_path: Path, rows: list[CaseRow]) -> None:
                 "label, or give different scans different subject ids if they are different "
                 "subjects)")
         for image in r.images:
-            dup = seen_images.setdefault(image, r)
+            # one file under another name (absolute path with '..', symlink, hard link) is one file
+            dup_image, dup = seen_images.setdefault(_file_key(image), (image, r))
             if dup is r:
                 continue
             if dup.subject == r.subject:
                 raise UserError(f"{csv_path}: line {r.line} repeats image {image} of line "
                                 f"{dup.line}; remove the duplicate row")
+            same = "" if dup_image == image else f" (as {dup_image}; the same file)"
             raise UserError(f"{csv_path}: image {image} belongs to subject {dup.subject!r} on "
-                            f"line {dup.line} and to subject {r.subject!r} on line {r.line}; an "
+                            f"line {dup.line}{same} and to subject {r.subject!r} on line {r.line}; an "
                             "image must belong to one subject (it would leak between folds)")
+
+
+def _file_key(path: Path):
+    """Identity of a file: (device, inode) if it exists, else its resolved path."""
+    try:
+        st = os.stat(path)
+        return ("inode", st.st_dev, st.st_ino)
+    except OSError:
+        return ("path", os.path.realpath(path))

@@ -80,10 +80,13 @@ class TrainSettings:
                             "be positive")
         if self.threshold != "youden":
             try:
-                float(self.threshold)
+                value = float(self.threshold)
             except ValueError:
                 raise UserError(f"--threshold {self.threshold!r}: give 'youden' or a number "
                                 "such as 0.5") from None
+            if not 0.0 <= value <= 1.0:
+                raise UserError(f"--threshold {self.threshold}: a probability threshold lies in 0-1 "
+                                "(e.g. 0.5), or give 'youden'")
         if any(a not in (0, 1, 2) for a in self.mirror_axes):
             raise UserError(f"--mirror-axes {self.mirror_axes}: axes are 0, 1, 2 (z, y, x)")
 
@@ -330,7 +333,12 @@ def cross_validate(table: ClassificationTable, config: PreprocessingConfig,
     before the first training step.
     """
     settings.check()
+    if settings.threshold != "youden" and len(table.classes) != 2:
+        raise UserError(f"--threshold {settings.threshold}: a decision threshold applies to two classes; "
+                        f"with {len(table.classes)} classes the arg-max decides. Leave --threshold out")
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} is an existing file; pass a folder for the model")
     if (out_dir / PLANS_FILE).exists() and not overwrite:
         raise UserError(f"{out_dir} already holds a trained model ({PLANS_FILE}); choose another "
                         "--out or pass --overwrite")

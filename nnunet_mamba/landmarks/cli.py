@@ -16,6 +16,7 @@ DIR/landmarks/<CASE>.json ({"landmarks": {"name": [x, y, z]}}) or <CASE>.csv
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from ..errors import UserError
@@ -111,6 +112,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="final (default) or best (lowest validation MRE) weights")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--quiet", action="store_true", help="no per-case lines")
+    p.add_argument("--overwrite", action="store_true", help="replace <CASE>.json files already in --out")
 
     p = sub.add_parser(
         "evaluate", help="MRE (mm) and success detection rates",
@@ -122,6 +124,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="reference landmark files, or a dataset folder holding landmarks/")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="output folder (default: PRED/evaluation)")
+    p.add_argument("--overwrite", action="store_true", help="replace the outputs already in --out")
 
     p = sub.add_parser("synth", help="write a small synthetic landmark dataset",
                        description="Oblique, anisotropic noisy volumes with three blob "
@@ -173,13 +176,19 @@ def run(args) -> int:
         return 0
 
     if cmd == "predict":
+        from ..safe_io import check_output_dir
         from .inference import load_model, predict_folder, resolve_device
+        from .io import list_images
 
-        device = resolve_device(args.device)
-        model = load_model(args.model, args.folds, args.checkpoint, device)
         images = Path(args.images)
         if (images / "images").is_dir():
             images = images / "images"
+        # outputs checked before any work: no existing <CASE>.json without --overwrite (e.g. the
+        # dataset's reference landmarks), never the image or model folder
+        check_output_dir(args.out, args.overwrite, names=[f"{c}.json" for c in list_images(images)],
+                         inputs=[images, args.model])
+        device = resolve_device(args.device)
+        model = load_model(args.model, args.folds, args.checkpoint, device)
         cases = predict_folder(model, images, args.out, device,
                                log=None if args.quiet else print)
         print(f"predicted {len(cases)} case(s) with fold(s) {', '.join(map(str, model.folds))} "
@@ -189,7 +198,15 @@ def run(args) -> int:
     if cmd == "evaluate":
         from .metrics import evaluate_folders, markdown_table
 
+        from ..safe_io import check_output_dir
+        from .io import landmark_folder
+
         out = args.out if args.out is not None else str(Path(args.pred) / "evaluation")
+        if os.path.realpath(args.pred) == os.path.realpath(landmark_folder(args.ref)):
+            raise UserError(f"--pred {args.pred} and --ref {args.ref} are the same landmark folder; "
+                            "every error would be 0. Pass the predictions' folder as --pred")
+        check_output_dir(out, args.overwrite, names=("summary.json", "summary.md", "per_case.csv"),
+                         inputs=[args.pred, landmark_folder(args.ref)])
         summary = evaluate_folders(args.pred, args.ref, out)
         print(markdown_table(summary))
         if summary["unscored_predictions"]:

@@ -13,7 +13,9 @@ from typing import Optional, Sequence
 import numpy as np
 import SimpleITK as sitk
 
+from .. import imaging
 from ..errors import UserError
+from ..imaging import ImageError
 from .geometry import (WorkingGrid, geometry_of, image_extent_text, inside_image,
                        world_to_index)
 from .io import check_landmark_names, discover_dataset, read_landmarks
@@ -36,42 +38,26 @@ class PreparedCase:
     source: Optional[Path] = None
 
 
-def _check_image(dimension: int, components: int, path, case_id: str) -> None:
-    if dimension != 3:
-        raise UserError(f"case {case_id!r}: {path} is {dimension}D; landmark detection needs 3D "
-                        "volumes.")
-    if components != 1:
-        raise UserError(f"case {case_id!r}: {path} has {components} components per voxel; use "
-                        "single-channel (scalar) volumes.")
-
-
-def _unreadable(path, case_id: str, e: Exception) -> UserError:
-    text = str(e).strip()
-    first = text.splitlines()[-1] if text else type(e).__name__
-    return UserError(f"case {case_id!r}: SimpleITK cannot read {path} ({first}). Convert it to "
-                     "NIfTI (.nii.gz) or another format SimpleITK reads.")
+def _case_error(case_id: str, e: ImageError) -> UserError:
+    return UserError(f"case {case_id!r}: {e}")
 
 
 def read_image_header(path, case_id: str) -> tuple[sitk.Image, tuple[int, int, int]]:
     """(geometry probe, size) of a 3D scalar image file, without reading its voxels."""
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
     try:
-        reader.ReadImageInformation()
-    except RuntimeError as e:
-        raise _unreadable(path, case_id, e) from None
-    _check_image(reader.GetDimension(), reader.GetNumberOfComponents(), path, case_id)
+        reader = imaging.read_header(path)
+    except ImageError as e:
+        raise _case_error(case_id, e) from None
     return geometry_of(reader)
 
 
 def read_image(path, case_id: str) -> sitk.Image:
-    """A 3D scalar image, or a :class:`UserError` naming the case and the fix."""
+    """A 3D scalar image read by :func:`nnunet_mamba.imaging.read_image` (truncated files and
+    NaN/inf voxels refused), or a :class:`UserError` naming the case, the file and the fix."""
     try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as e:
-        raise _unreadable(path, case_id, e) from None
-    _check_image(image.GetDimension(), image.GetNumberOfComponentsPerPixel(), path, case_id)
-    return image
+        return imaging.read_image(path)
+    except ImageError as e:
+        raise _case_error(case_id, e) from None
 
 
 def normalise(array: np.ndarray) -> np.ndarray:

@@ -30,6 +30,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 
 from ..errors import UserError
+from ..safe_io import atomic_write_text, load_json
 
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".gipl.gz", ".gipl")
 LANDMARK_EXTENSIONS = (".json", ".csv")
@@ -57,11 +58,7 @@ def _coords(value, where: str) -> np.ndarray:
 
 
 def _read_json(path: Path) -> dict[str, np.ndarray]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: not a readable JSON file ({e}). Write it as "
-                        '{"landmarks": {"name": [x, y, z], ...}}.') from None
+    data = load_json(path, 'write it as {"landmarks": {"name": [x, y, z], ...}}')  # duplicate keys refused
     if not isinstance(data, dict) or not isinstance(data.get("landmarks"), dict):
         raise UserError(f'{path}: no "landmarks" object. Write the file as '
                         '{"landmarks": {"name": [x, y, z], ...}} (world coordinates in mm).')
@@ -115,11 +112,15 @@ def read_landmarks(path) -> dict[str, np.ndarray]:
     return out
 
 
-def write_landmarks(path, landmarks: Mapping[str, Sequence[float]], **extra) -> None:
-    """Write ``{"landmarks": {...}, "coordinate_system": "LPS", **extra}`` as JSON."""
+def write_landmarks(path, landmarks: Mapping[str, Sequence[float]], *, replace: bool = True,
+                    **extra) -> None:
+    """Write ``{"landmarks": {...}, "coordinate_system": "LPS", **extra}`` as JSON, through a
+    temporary file and a rename (a symlink at ``path`` is replaced, never followed); with
+    ``replace=False`` an existing file is an error. Commands check their outputs first
+    (:func:`nnunet_mamba.safe_io.check_output_dir`)."""
     doc = {"landmarks": {k: [float(x) for x in v] for k, v in landmarks.items()},
            "coordinate_system": "LPS", **extra}
-    Path(path).write_text(json.dumps(doc, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(doc, indent=2) + "\n", overwrite=replace)
 
 
 @dataclass(frozen=True)

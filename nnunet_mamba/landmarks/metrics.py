@@ -106,10 +106,12 @@ def write_evaluation(summary: dict, errors: Mapping[str, Mapping[str, float]], o
     """summary.json, summary.md and per_case.csv (error mm per case and landmark)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out_dir / "summary.md").write_text(markdown_table(summary))
+    from ..safe_io import atomic_open, atomic_write_text  # temporary file + rename, no symlink followed
+
+    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n", overwrite=True)
+    atomic_write_text(out_dir / "summary.md", markdown_table(summary), overwrite=True)
     names = summary["landmarks"]
-    with open(out_dir / "per_case.csv", "w", newline="") as f:
+    with atomic_open(out_dir / "per_case.csv", "w", overwrite=True, newline="") as f:
         w = csv.writer(f)
         w.writerow(["case", *names, "mean"])
         for case, row in errors.items():
