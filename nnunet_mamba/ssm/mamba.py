@@ -14,7 +14,6 @@ scan parameters (:class:`SSMBranch`) per scan order, the branch outputs summed.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 from typing import Optional, Sequence
 
@@ -25,13 +24,10 @@ import torch.nn.functional as F
 from .selective_scan import selective_scan
 
 
-@functools.lru_cache(maxsize=None)
-def _causal_conv1d_fn():
-    try:
-        from causal_conv1d import causal_conv1d_fn
-    except Exception:
-        return None
-    return causal_conv1d_fn
+try:  # imported once here, not per call: torch.compile then sees a constant
+    from causal_conv1d import causal_conv1d_fn as _CAUSAL_CONV1D
+except Exception:  # not installed, or built for another CUDA/torch
+    _CAUSAL_CONV1D = None
 
 
 class SSMBranch(nn.Module):
@@ -78,9 +74,8 @@ class SSMBranch(nn.Module):
     def ssm(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """x, z: (batch, d_inner, L) -> y (batch, d_inner, L) in float32 (float64 stays)."""
         L = x.shape[-1]
-        conv_fn = _causal_conv1d_fn() if x.is_cuda else None
-        if conv_fn is not None:
-            x = conv_fn(x.contiguous(), self.conv1d.weight.squeeze(1), self.conv1d.bias,
+        if x.is_cuda and _CAUSAL_CONV1D is not None:
+            x = _CAUSAL_CONV1D(x.contiguous(), self.conv1d.weight.squeeze(1), self.conv1d.bias,
                         activation="silu")
         else:
             x = F.silu(self.conv1d(x)[..., :L])

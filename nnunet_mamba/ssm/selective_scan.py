@@ -24,6 +24,9 @@ Backends
     chunk of T states from its checkpoint, so it never holds the (L, N) states.
     Compiled once per machine (cached on disk; the first call compiles, see the report
     in the numba_scan docstring).
+``triton``
+    A Triton kernel (:mod:`nnunet_mamba.ssm.triton_scan`) for CUDA tensors, used when
+    mamba-ssm does not import and Triton runs on the GPU.
 ``torch``
     Pure PyTorch, any device. A chunked scan: the sequence is cut into K chunks
     of T ~ sqrt(L) steps; every chunk is scanned from a zero state at once
@@ -37,13 +40,20 @@ Backends
 
 The numba and torch backends compute in float32 (float64 for float64 inputs) whatever
 the input dtype, so bf16/fp16 autocast cannot overflow the state; bias, softplus, D,
-the z gate and grouped B/C are plain PyTorch autograd around the core scan.
+the z gate and grouped B/C are computed around the core scan (:mod:`.ops`).
 
-``backend=None`` picks ``mamba_ssm`` for CUDA tensors when it imports (else ``torch``),
-``numba`` for CPU tensors when numba imports (else ``torch``), ``torch`` on other
-devices. The environment variable ``NNUNET_MAMBA_SCAN_BACKEND`` (``torch``, ``numba``
-or ``mamba_ssm``; ``auto`` or empty for the default) forces a backend for every call
-without an explicit ``backend``. ``NNUNET_MAMBA_SCAN_MEMORY_MB`` (default 1024) is the
+Every backend runs behind one pair of ``torch.library`` custom ops,
+``nnunet_mamba::selective_scan_fwd`` / ``selective_scan_bwd`` (:mod:`nnunet_mamba.ssm.ops`),
+with fake (meta) implementations and registered autograd, so ``torch.compile`` traces
+networks that use the scan without graph breaks.
+
+``backend=None`` picks, for CUDA tensors, the first of :data:`CUDA_PREFERENCE` that runs
+(``mamba_ssm``, then ``triton``, then ``torch``); ``numba`` for CPU tensors when numba
+imports (else ``torch``); ``torch`` on other devices. The environment variable
+``NNUNET_MAMBA_SCAN_BACKEND`` (``torch``, ``numba``, ``mamba_ssm`` or ``triton``; ``auto``
+or empty for the default) forces a backend for every call without an explicit
+``backend``. Under ``torch.compile`` the choice is made once, when the graph is traced
+(no guard on the environment). ``NNUNET_MAMBA_SCAN_MEMORY_MB`` (default 1024) is the
 work-buffer budget of the torch backend and of the numba backward's partial sums.
 """
 from __future__ import annotations
@@ -58,7 +68,9 @@ import torch.nn.functional as F
 
 BACKEND_ENV = "NNUNET_MAMBA_SCAN_BACKEND"
 MEMORY_ENV = "NNUNET_MAMBA_SCAN_MEMORY_MB"
-BACKENDS = ("torch", "numba", "mamba_ssm")
+BACKENDS = ("torch", "numba", "mamba_ssm", "triton")
+#: the default order on CUDA: the first backend that runs is used (the one place of this rule)
+CUDA_PREFERENCE = ("mamba_ssm", "triton", "torch")
 
 
 class ScanBackendError(RuntimeError):
@@ -70,12 +82,34 @@ class ScanBackendError(RuntimeError):
 # ----------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def _mamba_ssm_scan():
-    """(selective_scan_fn, None) when mamba-ssm's CUDA kernel imports, else (None, why)."""
+    """(the selective_scan_cuda extension of mamba-ssm, None) when it imports, else (None, why)."""
     try:
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+        import selective_scan_cuda
     except Exception as e:  # ImportError, or an undefined CUDA symbol from a bad build
         return None, f"mamba_ssm does not import ({type(e).__name__}: {e})"
-    return selective_scan_fn, None
+    return selective_scan_cuda, None
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_scan():
+    """(the triton_scan module, None) when it imports, else (None, why)."""
+    try:
+        from . import triton_scan
+    except Exception as e:  # triton missing, or the module not written yet
+        return None, f"the Triton scan does not import ({type(e).__name__}: {e})"
+    return triton_scan, None
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_status(device: torch.device) -> tuple[bool, str]:
+    mod, why = _triton_scan()
+    if mod is None:
+        return False, why
+    try:
+        ok, why = mod.triton_status(device)
+    except Exception as e:
+        return False, f"the Triton scan does not run ({type(e).__name__}: {e})"
+    return bool(ok), why or "Triton kernel (nnunet_mamba.ssm.triton_scan)"
 
 
 @functools.lru_cache(maxsize=None)
@@ -104,12 +138,19 @@ def backend_status(device: torch.device | str) -> dict[str, tuple[bool, str]]:
     else:
         fn, why = _mamba_ssm_scan()
         status["mamba_ssm"] = (fn is not None, why or "fused CUDA kernel of mamba-ssm")
+    if device.type != "cuda":
+        status["triton"] = (False, f"the Triton kernel needs CUDA tensors, not {device.type}")
+    elif not torch.cuda.is_available():
+        status["triton"] = (False, "CUDA is not available to torch")
+    else:
+        status["triton"] = _triton_status(device)
     return status
 
 
 def _default_backend(device: torch.device) -> str:
-    if device.type == "cuda" and backend_status(device)["mamba_ssm"][0]:
-        return "mamba_ssm"
+    if device.type == "cuda":
+        status = backend_status(device)
+        return next(name for name in CUDA_PREFERENCE if status[name][0])
     if device.type == "cpu" and backend_status(device)["numba"][0]:
         return "numba"
     return "torch"
@@ -120,6 +161,8 @@ _INSTALL_HINT = {
                  "(see the README, 'GPU install')",
     "numba": "the numba kernel runs on CPU tensors only; for it install numba "
              "(pip install numba)",
+    "triton": "the Triton kernel runs on CUDA tensors and needs the triton package that "
+              "comes with torch's CUDA wheels",
 }
 
 
@@ -221,16 +264,16 @@ def _channel_block(batch: int, L: int, N: int, dim: int, itemsize: int, buffers:
     return int(max(1, min(dim, budget // max(per_channel, 1))))
 
 
-class _ChunkedSelectiveScan(torch.autograd.Function):
-    """y = sum_n C h, h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t; recomputing backward.
+class _TorchCore:
+    """Chunked scan y = sum_n C h, h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t in PyTorch.
 
-    u, delta: (b, d, L); A: (d, N); B, C: (b, N, L), all one float dtype.
-    Returns y: (b, d, L) and the last state (b, d, N). ``for_backward`` (whether a
-    backward pass may follow) changes nothing here: only the inputs are kept.
+    u, delta: (b, d, L); A: (d, N); B, C: (b, N, L), all one float dtype. ``forward``
+    returns y (b, d, L), the last state (b, d, N) and nothing to save (an empty tensor):
+    ``backward`` recomputes the states from the inputs.
     """
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, for_backward=True):
+    def forward(u, delta, A, B, C):
         b, d, L = u.shape
         N = A.shape[1]
         T = _chunk_len(L)
@@ -251,18 +294,20 @@ class _ChunkedSelectiveScan(torch.autograd.Function):
             del a
             y[:, sl] = _from_chunks(torch.matmul(h, Cc_t).squeeze(-1))  # sum_n h C
             del h
-        ctx.save_for_backward(u, delta, A, B, C)
-        ctx.L = L
-        return y[..., :L], last
+        return (y[..., :L].contiguous() if pad else y), last, u.new_empty(0)
 
     @staticmethod
-    def backward(ctx, dy, dlast):
-        u, delta, A, B, C = ctx.saved_tensors
-        L = ctx.L
-        b, d, Lp = u.shape
+    def backward(u, delta, A, B, C, saved, dy, dlast):
+        """Gradients (du, ddelta, dA, dB, dC) from dy (b, d, L) and dlast (b, d, N) or None."""
+        b, d, L = u.shape
         N = A.shape[1]
         T = _chunk_len(L)
-        dy = F.pad(dy.to(u.dtype), (0, Lp - L))
+        Lp = -(-L // T) * T
+        pad = Lp - L
+        if pad:
+            u, delta = F.pad(u, (0, pad)), F.pad(delta, (0, pad))
+            B, C = F.pad(B, (0, pad)), F.pad(C, (0, pad))
+        dy = F.pad(dy.to(u.dtype), (0, pad))
         Bc = _to_chunks(B, T).unsqueeze(3)
         Cc = _to_chunks(C, T).unsqueeze(3)
         du = torch.empty_like(u)
@@ -297,7 +342,7 @@ class _ChunkedSelectiveScan(torch.autograd.Function):
             del w
         dB = _from_chunks(dB)[..., :L]
         dC = _from_chunks(dC)[..., :L]
-        return du[..., :L], ddelta[..., :L], dA, dB, dC, None
+        return du[..., :L], ddelta[..., :L], dA, dB, dC
 
 
 def _decay_and_input(u, delta, A, Bc, T):
@@ -320,16 +365,16 @@ def _np(t: torch.Tensor):
     return t.detach().numpy()
 
 
-class _NumbaSelectiveScan(torch.autograd.Function):
-    """Same contract as :class:`_ChunkedSelectiveScan`, computed by the numba kernels.
+class _NumbaCore:
+    """Same contract as :class:`_TorchCore`, computed by the numba kernels on CPU.
 
-    u, delta: (b, d, L); A: (d, N); B, C: (b, N, L), all float32 or all float64, on CPU.
-    Returns y: (b, d, L) and the last state (b, d, N). With ``for_backward`` it stores the
-    states every ``NUMBA_CHUNK`` steps for the backward pass, which recomputes the rest.
+    u, delta: (b, d, L); A: (d, N); B, C: (b, N, L), all float32 or all float64.
+    ``forward`` returns y (b, d, L), the last state (b, d, N) and the states every
+    ``NUMBA_CHUNK`` steps (b, d, K, N), from which ``backward`` recomputes the rest.
     """
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, for_backward=True):
+    def forward(u, delta, A, B, C):
         kernels, _ = _numba_kernels()
         b, d, L = u.shape
         N = A.shape[1]
@@ -340,23 +385,22 @@ class _NumbaSelectiveScan(torch.autograd.Function):
         Ct = C.transpose(1, 2).contiguous()
         y = u.new_empty(b, d, L)
         last = u.new_empty(b, d, N)
-        save = bool(for_backward)
-        checkpoints = u.new_empty(b, d, K, N) if save else u.new_empty(1, 1, 1, 1)
+        checkpoints = u.new_empty(b, d, K, N)
         kernels.scan_forward(_np(u), _np(delta), _np(A), _np(Bt), _np(Ct), T, _np(y),
-                             _np(last), _np(checkpoints), save, torch.get_num_threads())
-        if save:
-            ctx.save_for_backward(u, delta, A, Bt, Ct, checkpoints)
-            ctx.T = T
-        ctx.set_materialize_grads(False)
-        return y, last
+                             _np(last), _np(checkpoints), True, torch.get_num_threads())
+        return y, last, checkpoints
 
     @staticmethod
-    def backward(ctx, dy, dlast):
+    def backward(u, delta, A, B, C, checkpoints, dy, dlast):
+        """Gradients (du, ddelta, dA, dB, dC) from dy (b, d, L) and dlast (b, d, N) or None."""
         kernels, _ = _numba_kernels()
-        u, delta, A, Bt, Ct, checkpoints = ctx.saved_tensors
         b, d, L = u.shape
         N = A.shape[1]
-        dy = torch.zeros_like(u) if dy is None else dy.to(u.dtype).contiguous()
+        T = min(L, NUMBA_CHUNK)
+        u, delta, A = u.contiguous(), delta.contiguous(), A.contiguous()
+        Bt = B.transpose(1, 2).contiguous()
+        Ct = C.transpose(1, 2).contiguous()
+        dy = dy.to(u.dtype).contiguous()
         has_dlast = dlast is not None
         dlast = dlast.to(u.dtype).contiguous() if has_dlast else u.new_zeros(1, 1, 1)
         # groups of channel tiles per batch element: enough tasks for every thread, with
@@ -371,56 +415,17 @@ class _NumbaSelectiveScan(torch.autograd.Function):
         dB = u.new_empty(b, G, L, N)
         dC = u.new_empty(b, G, L, N)
         kernels.scan_backward(_np(u), _np(delta), _np(A), _np(Bt), _np(Ct), _np(dy),
-                              _np(dlast), has_dlast, _np(checkpoints), ctx.T, _np(du),
-                              _np(ddelta), _np(dA), _np(dB), _np(dC), threads)
+                              _np(dlast), has_dlast, _np(checkpoints.contiguous()), T,
+                              _np(du), _np(ddelta), _np(dA), _np(dB), _np(dC), threads)
         return (du, ddelta, dA.sum(0), dB.sum(1).transpose(1, 2),
-                dC.sum(1).transpose(1, 2), None)
+                dC.sum(1).transpose(1, 2))
 
 
 # ----------------------------------------------------------------------------------------
-# the PyTorch autograd around a core scan: bias, softplus, groups, D, gate
+# the public function
 # ----------------------------------------------------------------------------------------
-_CORES = {"torch": _ChunkedSelectiveScan, "numba": _NumbaSelectiveScan}
-
-
-def _scan_with_core(core, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                    return_last_state):
-    dtype_in = u.dtype
-    work = torch.float64 if torch.float64 in (u.dtype, delta.dtype, A.dtype) else torch.float32
-    with torch.autocast(device_type=u.device.type, enabled=False):
-        u_, delta_ = u.to(work), delta.to(work)
-        if delta_bias is not None:
-            delta_ = delta_ + delta_bias.to(work)[:, None]
-        if delta_softplus:
-            delta_ = F.softplus(delta_)
-        A_, B_, C_ = A.to(work), B.to(work), C.to(work)
-        # inside Function.forward grad mode is off and needs_input_grad ignores no_grad
-        for_backward = torch.is_grad_enabled() and any(
-            t.requires_grad for t in (u_, delta_, A_, B_, C_))
-        if B_.dim() == 4 or C_.dim() == 4:  # grouped B/C: (b, G, N, L)
-            G = (B_ if B_.dim() == 4 else C_).shape[1]
-            dim = u_.shape[1]
-            if dim % G:
-                raise ValueError(f"dim {dim} is not divisible by the {G} groups of B/C")
-            Bg = B_ if B_.dim() == 4 else B_.unsqueeze(1).expand(-1, G, -1, -1)
-            Cg = C_ if C_.dim() == 4 else C_.unsqueeze(1).expand(-1, G, -1, -1)
-            per = dim // G
-            parts = [
-                core.apply(
-                    u_[:, g * per:(g + 1) * per], delta_[:, g * per:(g + 1) * per],
-                    A_[g * per:(g + 1) * per], Bg[:, g], Cg[:, g], for_backward)
-                for g in range(G)
-            ]
-            y = torch.cat([p[0] for p in parts], 1)
-            last = torch.cat([p[1] for p in parts], 1)
-        else:
-            y, last = core.apply(u_, delta_, A_, B_, C_, for_backward)
-        if D is not None:
-            y = torch.addcmul(y, u_, D.to(work)[:, None])  # no (b, d, L) temporary for u D
-        if z is not None:
-            y = y * F.silu(z.to(work))
-    y = y.to(dtype_in)
-    return (y, last) if return_last_state else y
+#: the core scans behind the numba and torch backends (the rest is in :mod:`.ops`)
+_CORES = {"torch": _TorchCore, "numba": _NumbaCore}
 
 
 def _check_shapes(u, delta, A, B, C, D, z, delta_bias):
@@ -446,6 +451,13 @@ def _check_shapes(u, delta, A, B, C, D, z, delta_bias):
         raise ValueError(f"z must have u's shape {tuple(u.shape)}, got {tuple(z.shape)}")
 
 
+@torch.compiler.assume_constant_result
+def _traced_backend(backend: Optional[str], device_type: str, device_index: int) -> str:
+    """:func:`resolve_backend` as a constant for ``torch.compile``: evaluated once at tracing."""
+    device = torch.device(device_type, device_index if device_index >= 0 else None)
+    return resolve_backend(backend, device)
+
+
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    return_last_state=False, backend: Optional[str] = None):
     """Selective scan with ``mamba_ssm``'s ``selective_scan_fn`` semantics; see the module doc.
@@ -453,18 +465,18 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     Shapes: u, delta, z (batch, dim, L); A (dim, N); B, C (batch, N, L) or (batch, G, N, L);
     D, delta_bias (dim,). Returns out (batch, dim, L) in u's dtype, and with
     ``return_last_state`` also the final state (batch, dim, N) in float32 (float64 for
-    float64 inputs; mamba_ssm: float32).
+    float64 inputs with the numba and torch backends). The gradient of the final state
+    is used by the numba and torch backends only (mamba_ssm and triton ignore it, as
+    mamba-ssm does).
     """
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
-    name = resolve_backend(backend, u.device)
-    if name == "mamba_ssm":
-        fn, _ = _mamba_ssm_scan()
-        with torch.autocast(device_type="cuda", enabled=False):
-            return fn(u.contiguous(), delta.contiguous(), A.float().contiguous(),
-                      B.contiguous(), C.contiguous(),
-                      None if D is None else D.float().contiguous(),
-                      None if z is None else z.contiguous(),
-                      None if delta_bias is None else delta_bias.float().contiguous(),
-                      delta_softplus, return_last_state)
-    return _scan_with_core(_CORES[name], u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                           return_last_state)
+    if torch.compiler.is_compiling():
+        name = _traced_backend(backend, u.device.type,
+                               -1 if u.device.index is None else u.device.index)
+    else:
+        name = resolve_backend(backend, u.device)
+    out, last = _ops.scan(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), name)
+    return (out, last) if return_last_state else out
+
+
+from . import ops as _ops  # noqa: E402  (registers the custom ops; imports this module)
