@@ -344,7 +344,7 @@ def test_evaluate_folder_summary_and_errors(tmp_path):
     assert summary["per_case"]["B"]["ET"] == {"dice": 0.0, "hd95": 373.12866, "empty": "pred"}
     csv_path, json_path = write_results(summary, tmp_path / "out")
     lines = csv_path.read_text().splitlines()
-    assert lines[0] == "case,region,dice,hd95" and len(lines) == 1 + 3 * 3
+    assert lines[0] == "case,region,dice,hd95,empty_mask" and len(lines) == 1 + 3 * 3
     assert json.loads(json_path.read_text())["convention"]["one_empty_hd95"] == 373.12866
 
     # a missing prediction, a bad label, a grid mismatch: errors naming the case / file

@@ -182,7 +182,7 @@ def _check_classes(csv_path: Path, rows: list[CaseRow], classes, label_column: s
                 pass
         same = [v for v in numbers.values() if len(v) > 1]
         if same:
-            raise UserError(f"{csv_path}: labels {same[0]} in column {label_column!r} are one number "
+            raise UserError(f"{csv_path}: labels {sorted(same[0])} in column {label_column!r} are one number "
                             "written differently and would become two classes; write them identically "
                             "or declare --classes")
         normalised: dict[str, list[str]] = {}

@@ -110,7 +110,11 @@ def load_model(folder, folds: Optional[Sequence[int]] = None, checkpoint: str = 
         if not path.is_file():
             raise UserError(f"{path} not found: fold {k} has no {checkpoint} checkpoint. Train "
                             "that fold or leave it out of --folds.")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:  # tensors, strings and numbers only: no code runs from a checkpoint
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # UnpicklingError for anything but plain data
+            raise UserError(f"{path}: not a checkpoint of 'nnmamba landmarks train' (holds more than "
+                            f"tensors and numbers, or is damaged: {type(e).__name__}); restore it") from None
         net = build_network(config)
         net.load_state_dict(state["state_dict"])
         nets.append(net.to(device).eval())
