@@ -285,13 +285,13 @@ def test_shifted_sphere_dice_by_counting_and_hd95_by_brute_force():
     pred = np.zeros_like(ref)
     pred[k:] = ref[:-k]  # shift by k voxels along z (axis 0)
     overlap = int(np.count_nonzero(ref[k:] & ref[:-k]))
-    m = region_metrics(pred.astype(np.uint8) * 3, ref.astype(np.uint8) * 3, spacing_zyx)
+    m = region_metrics(pred.astype(np.uint8) * 3, ref.astype(np.uint8) * 3, spacing_zyx, "monai")
     assert m["ET"]["dice"] == pytest.approx(2 * overlap / (2 * ref.sum()))
     expected = _brute_force_hd95(pred, ref, spacing_zyx)
     assert m["ET"]["hd95"] == pytest.approx(expected, rel=1e-5)
     assert 0 < m["ET"]["hd95"] <= k * spacing_zyx[0] + 1e-6
     # the spacing must matter along the shift axis only
-    m_iso = region_metrics(pred.astype(np.uint8) * 3, ref.astype(np.uint8) * 3, (2.0, 1.0, 1.0))
+    m_iso = region_metrics(pred.astype(np.uint8) * 3, ref.astype(np.uint8) * 3, (2.0, 1.0, 1.0), "monai")
     assert m_iso["ET"]["hd95"] == pytest.approx(_brute_force_hd95(pred, ref, (2.0, 1.0, 1.0)), rel=1e-5)
 
 
@@ -335,7 +335,7 @@ def test_evaluate_folder_summary_and_errors(tmp_path):
     summary = evaluate_folder(pred_dir, ref_dir, "nnunet-v1", n_jobs=2)
     assert summary == {**evaluate_folder(pred_dir, ref_dir, "nnunet-v1", n_jobs=1)}
     assert summary["n_cases"] == 3 and summary["ignored_predictions"] == ["extra"]
-    assert summary["convention"]["name"] == "nnunet-v1" and "MONAI" in summary["library"]
+    assert summary["convention"]["name"] == "nnunet-v1" and summary["library"].startswith("pooled, 1 mm")
     et = summary["regions"]["ET"]
     assert et["dice"]["mean"] == pytest.approx(2 / 3) and et["hd95"]["mean"] == pytest.approx(373.12866 / 3)
     assert et["n_empty"] == {"both": 0, "pred": 1, "ref": 0}
@@ -344,7 +344,8 @@ def test_evaluate_folder_summary_and_errors(tmp_path):
     assert summary["per_case"]["B"]["ET"] == {"dice": 0.0, "hd95": 373.12866, "empty": "pred"}
     csv_path, json_path = write_results(summary, tmp_path / "out")
     lines = csv_path.read_text().splitlines()
-    assert lines[0] == "case,region,dice,hd95,empty_mask" and len(lines) == 1 + 3 * 3
+    assert lines[0] == ("case,region,dice,hd95,empty_mask,lesionwise_dice,lesionwise_hd95,lesions,kept,tp,missed,fp"
+                        ) and len(lines) == 1 + 3 * 3
     assert json.loads(json_path.read_text())["convention"]["one_empty_hd95"] == 373.12866
 
     # a missing prediction, a bad label, a grid mismatch: errors naming the case / file

@@ -3,11 +3,11 @@
     nnmamba brats2023 synth OUT --cases N [--shape 240 240 155] [--seed S]
     nnmamba brats2023 convert SRC -d ID [--name NAME] [--link|--copy] [--seed 12345]
                               [--nnunet-raw DIR] [--nnunet-preprocessed DIR] [--overwrite] [-j N]
-    nnmamba brats2023 evaluate --pred DIR --ref DIR [--convention brats2023|nnunet-v1|segmamba]
-                               [--out DIR] [-j N]
+    nnmamba brats2023 evaluate --pred DIR --ref DIR [--convention brats2023|nnunet-v1|segmamba|monai]
+                               [--metrics legacy|lesionwise|both] [--out DIR] [-j N]
     nnmamba brats2023 reproduce SRC --trainers nnMambaTrainer nnUNetTrainer ... [-d ID] [--folds 5]
                                 [--work DIR] [--out DIR] [--device cuda|cpu] [--gpus N] [--plans nnUNetPlans]
-                                [--preset paper] [--convention brats2023] [-j N] [--dry-run]
+                                [--preset paper] [--convention brats2023] [--metrics both] [-j N] [--dry-run]
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 
 from .convert import DEFAULT_SEED, PAPER_FOLD
-from .metrics import CONVENTIONS, default_jobs
+from .metrics import CONVENTIONS, METRICS, default_jobs
 from .synth import BRATS_SHAPE
 
 
@@ -51,14 +51,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("-j", "--jobs", type=int, default=default_jobs(), metavar="N",
                    help="processes for validation (default %(default)s)")
 
-    p = sub.add_parser("evaluate", help="per-case, per-region Dice and HD95 (WT, TC, ET)",
-                       description="Dice and HD95 (mm) per case and region; writes per_case.csv and summary.json.")
+    p = sub.add_parser("evaluate", help="per-case, per-region Dice and HD95 (WT, TC, ET), whole-volume and lesion-wise",
+                       description="Dice and HD95 (mm) per case and region, whole-volume (legacy, by --convention) "
+                                   "and lesion-wise (the BraTS 2023 challenge's ranking metrics, with lesion counts); "
+                                   "writes per_case.csv and summary.json. See docs/brats2023.md.")
     p.add_argument("--pred", required=True, metavar="DIR", help="predictions <case>.nii.gz (labels 0-3)")
     p.add_argument("--ref", required=True, metavar="DIR",
                    help="references: <case>.nii.gz files (e.g. labelsTs) or BraTS case folders")
     p.add_argument("--convention", choices=sorted(CONVENTIONS), default="brats2023",
-                   help="values for empty masks (default brats2023): " +
-                        "; ".join(c.source for c in CONVENTIONS.values()))
+                   help="whole-volume HD95 definition and values for empty masks (default brats2023): " +
+                        "; ".join(f"{n}: {c.source}" for n, c in CONVENTIONS.items()))
+    _add_metrics_argument(p)
     p.add_argument("--out", default=None, metavar="DIR",
                    help="output folder (default: PRED/brats2023_metrics_<convention>)")
     p.add_argument("--overwrite", action="store_true", help="replace per_case.csv / summary.json in --out")
@@ -66,6 +69,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="processes (default %(default)s)")
 
     _add_reproduce_arguments(sub)
+
+
+def _add_metrics_argument(p) -> None:
+    p.add_argument("--metrics", choices=METRICS, default="both",
+                   help="legacy: whole-volume Dice / HD95 (by --convention); lesionwise: the BraTS 2023 challenge's "
+                        "lesion-wise Dice / HD95 with lesion counts; both (default)")
 
 
 def _add_reproduce_arguments(sub) -> None:
@@ -92,7 +101,8 @@ def _add_reproduce_arguments(sub) -> None:
                    help="table, plot, metrics, predictions and logs (default: "
                         "$nnUNet_results/Dataset<ID>_<NAME>/reproduce_table1)")
     p.add_argument("--convention", choices=sorted(CONVENTIONS), default="brats2023",
-                   help="values for empty masks (default brats2023)")
+                   help="whole-volume HD95 definition and values for empty masks (default brats2023)")
+    _add_metrics_argument(p)
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="passed to nnU-Net's -device")
     p.add_argument("--gpus", type=int, default=None, metavar="N",
                    help="trainings (and predictions) run at once, one per GPU (default: all visible GPUs)")
@@ -140,12 +150,15 @@ def run(args) -> int:
 
         out = Path(args.out) if args.out else Path(args.pred) / f"brats2023_metrics_{args.convention}"
         check_output_dir(out, getattr(args, "overwrite", False), names=("per_case.csv", "summary.json"))
-        summary = evaluate_folder(args.pred, args.ref, args.convention, n_jobs=args.jobs)
+        summary = evaluate_folder(args.pred, args.ref, args.convention, n_jobs=args.jobs, metrics=args.metrics)
         csv_path, json_path = write_results(summary, out)
         if summary["ignored_predictions"]:
             print(f"note: {len(summary['ignored_predictions'])} prediction(s) without a reference were ignored: "
                   f"{', '.join(summary['ignored_predictions'][:5])}")
-        print(f"{summary['n_cases']} case(s), convention {args.convention}; HD95 by {summary['library']}")
+        print(f"{summary['n_cases']} case(s), metrics {args.metrics}, convention {args.convention}; whole-volume "
+              f"HD95: {summary['library']}")
+        for line in summary["warnings"]:
+            print(f"warning: {line}")
         print(format_table(summary))
         print(f"wrote {csv_path} and {json_path}")
         return 0

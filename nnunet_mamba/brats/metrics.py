@@ -1,16 +1,17 @@
-"""BraTS region metrics: per-case, per-region Dice and HD95 (nnMamba paper, Table 1).
+"""BraTS region metrics: per-case, per-region Dice and HD95 (nnMamba paper, Table 1; issue 15).
 
-Regions are WT = {1, 2, 3}, TC = {1, 3}, ET = {3} of the native BraTS 2023 labels.
+Regions are WT = {1, 2, 3}, TC = {1, 3}, ET = {3} of the native BraTS 2023 labels. Two blocks
+(``metrics``: ``legacy``, ``lesionwise`` or ``both``):
 
-- Dice: ``2 |P & R| / (|P| + |R|)`` on the binary region masks.
-- HD95 (mm): MONAI's ``monai.metrics.compute_hausdorff_distance(..., percentile=95,
-  spacing=<image spacing>)``: the symmetric 95th-percentile Hausdorff distance, i.e. the
-  maximum of the two directed 95th percentiles of the Euclidean distances (in mm, using
-  the voxel spacing) between the edge voxels of the two masks (edge = mask minus its
-  6-neighbourhood erosion). SimpleITK reports spacing in (x, y, z) order while the arrays
-  are (z, y, x); the spacing is reversed accordingly.
-- Empty masks: MONAI returns NaN/inf there, and each benchmark fills the gap its own way;
-  the :data:`CONVENTIONS` below are selectable and recorded in the output.
+- legacy (whole volume): Dice ``2 |P & R| / (|P| + |R|)`` on the binary region masks; HD95
+  (mm) by the definition of the chosen :data:`CONVENTIONS` entry (:mod:`.hd95`): ``brats2023``
+  the surface-element-weighted one of the BraTS code, ``nnunet-v1`` and ``segmamba`` medpy's
+  pooled percentile at 1 mm (their scripts ignore the spacing), ``monai`` MONAI's max of the
+  directed percentiles at the image spacing (what this module computed before). Empty masks
+  take the convention's values. SimpleITK reports spacing in (x, y, z) order while the
+  arrays are (z, y, x); the spacing is reversed accordingly.
+- lesionwise: the BraTS 2023 challenge's lesion-wise Dice / HD95 with lesion counts
+  (:mod:`.lesionwise`); independent of the convention.
 
 Both files of a case must share one voxel grid (size, spacing, origin, direction); labels
 must be integers 0-3. Anything else is an error naming the file, never a silent number.
@@ -20,7 +21,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,7 +35,11 @@ NIFTI_ENDINGS = (".nii.gz", ".nii")
 
 @dataclass(frozen=True)
 class EmptyMaskConvention:
-    """Dice / HD95 values used when a region is empty in the prediction and / or the reference."""
+    """How one benchmark scores a region: its HD95 definition and its values for empty masks.
+
+    ``hd95`` names a definition of :data:`.hd95.HD95_DEFINITIONS`; ``hd95_spacing`` is
+    ``"image"`` (the file's voxel size) or ``"1mm"`` (the script assumes 1 mm voxels).
+    """
 
     name: str
     both_empty_dice: float
@@ -43,29 +47,48 @@ class EmptyMaskConvention:
     one_empty_dice: float
     one_empty_hd95: float
     source: str
+    hd95: str = "surface-weighted"
+    hd95_spacing: str = "image"
 
 
 CONVENTIONS = {
     "brats2023": EmptyMaskConvention(
         "brats2023", 1.0, 0.0, 0.0, 374.0,
-        "BraTS 2023 legacy whole-image metrics: both empty -> Dice 1, HD95 0; one empty -> Dice 0, HD95 374"),
+        "BraTS 2023 legacy whole-image metrics: HD95 surface-element weighted (DeepMind surface-distance) at the "
+        "image spacing; both empty -> Dice 1, HD95 0; one empty -> Dice 0, HD95 374",
+        "surface-weighted", "image"),
     "nnunet-v1": EmptyMaskConvention(
         "nnunet-v1", 1.0, 0.0, 0.0, 373.12866,
-        "nnU-Net v1 BraTS evaluation: both empty -> Dice 1, HD95 0; one empty -> Dice 0, HD95 373.12866 "
-        "(the 240x240x155 image diagonal)"),
+        "nnU-Net v1 BraTS evaluation: HD95 medpy pooled 95th percentile with 1 mm voxels assumed (the script "
+        "ignores the spacing); both empty -> Dice 1, HD95 0; one empty -> Dice 0, HD95 373.12866 (the "
+        "240x240x155 image diagonal)",
+        "pooled", "1mm"),
     "segmamba": EmptyMaskConvention(
         "segmamba", 0.0, 50.0, 0.0, 50.0,
-        "SegMamba's 5_compute_metrics.py: Dice 0, HD95 50 whenever either mask is empty, even both"),
+        "SegMamba's 5_compute_metrics.py: HD95 medpy pooled 95th percentile with voxel_spacing [1, 1, 1]; Dice 0, "
+        "HD95 50 whenever either mask is empty, even both",
+        "pooled", "1mm"),
+    "monai": EmptyMaskConvention(
+        "monai", 1.0, 0.0, 0.0, 374.0,
+        "this package before issue 15: HD95 MONAI compute_hausdorff_distance (max of the directed 95th "
+        "percentiles) at the image spacing; empty masks as brats2023",
+        "monai", "image"),
 }
 
 
-def hd95_library() -> str:
-    """Name and version of the surface-distance implementation used for HD95."""
+def hd95_library(convention: "EmptyMaskConvention | str" = "brats2023") -> str:
+    """The HD95 definition and implementation a convention uses, with the library versions."""
     import monai
-    import monai.metrics  # noqa: F401
+    import monai.metrics  # noqa: F401  (imported here once, so forked workers inherit it)
+    import scipy
 
-    return (f"MONAI {monai.__version__}: monai.metrics.compute_hausdorff_distance(percentile=95, spacing=<image "
-            "spacing>, symmetric: max of the two directed 95th percentiles of edge-voxel distances in mm)")
+    from .hd95 import HD95_DEFINITIONS
+
+    conv = get_convention(convention) if isinstance(convention, str) else convention
+    spacing = "1 mm voxels assumed (spacing ignored)" if conv.hd95_spacing == "1mm" else "image spacing"
+    versions = {"surface-weighted": f"MONAI {monai.__version__} (normals table), SciPy {scipy.__version__}",
+                "pooled": f"SciPy {scipy.__version__}", "monai": f"MONAI {monai.__version__}"}[conv.hd95]
+    return f"{conv.hd95}, {spacing}: {HD95_DEFINITIONS[conv.hd95]}; {versions}"
 
 
 def dice(pred: np.ndarray, ref: np.ndarray) -> float:
@@ -76,45 +99,34 @@ def dice(pred: np.ndarray, ref: np.ndarray) -> float:
     return 2.0 * int(np.count_nonzero(pred & ref)) / total
 
 
-def hd95(pred: np.ndarray, ref: np.ndarray, spacing_zyx) -> float:
-    """Symmetric HD95 in mm of two non-empty boolean masks given as (z, y, x) arrays.
+def hd95(pred: np.ndarray, ref: np.ndarray, spacing_zyx, definition: str = "monai") -> float:
+    """HD95 in mm of two non-empty boolean (z, y, x) masks by one of :data:`.hd95.HD95_DEFINITIONS`.
 
     ``spacing_zyx`` is the voxel size along the array axes (SimpleITK's spacing reversed).
     """
-    import torch
-    from monai.metrics import compute_hausdorff_distance
+    from .hd95 import hd95 as hd95_by_definition
 
-    if not pred.any() or not ref.any():
-        raise ValueError("hd95 needs two non-empty masks; empty masks are handled by the conventions")
-    if len(spacing_zyx) != pred.ndim or pred.shape != ref.shape:
-        raise ValueError(f"masks {pred.shape} / {ref.shape} and spacing {tuple(spacing_zyx)} do not match")
-    with warnings.catch_warnings():  # MONAI warns about its own use of a deprecated argument
-        warnings.simplefilter("ignore", FutureWarning)
-        value = compute_hausdorff_distance(torch.from_numpy(np.ascontiguousarray(pred))[None, None],
-                                           torch.from_numpy(np.ascontiguousarray(ref))[None, None],
-                                           include_background=True, percentile=95,
-                                           spacing=[float(s) for s in spacing_zyx])
-    value = float(value.reshape(-1)[0])
-    if not np.isfinite(value):
-        raise RuntimeError(f"MONAI returned HD95 = {value} for two non-empty masks")
-    return value
+    return hd95_by_definition(pred, ref, spacing_zyx, definition)
 
 
 def region_metrics(pred_labels: np.ndarray, ref_labels: np.ndarray, spacing_zyx,
                    convention: EmptyMaskConvention | str = "brats2023") -> dict:
     """Dice and HD95 of every region of :data:`REGIONS` for two label arrays of one case.
 
+    HD95 by the convention's definition (at 1 mm where the convention assumes 1 mm).
     Returns ``{region: {"dice": float, "hd95": float, "empty": "none" | "both" | "pred" | "ref"}}``.
     """
     if isinstance(convention, str):
         convention = get_convention(convention)
+    spacing = (1.0, 1.0, 1.0) if convention.hd95_spacing == "1mm" else spacing_zyx
     out = {}
     for region, labels in REGIONS.items():
         pred = np.isin(pred_labels, labels)
         ref = np.isin(ref_labels, labels)
         has_pred, has_ref = bool(pred.any()), bool(ref.any())
         if has_pred and has_ref:
-            out[region] = {"dice": dice(pred, ref), "hd95": hd95(pred, ref, spacing_zyx), "empty": "none"}
+            out[region] = {"dice": dice(pred, ref), "hd95": hd95(pred, ref, spacing, convention.hd95),
+                           "empty": "none"}
         elif not has_pred and not has_ref:
             out[region] = {"dice": convention.both_empty_dice, "hd95": convention.both_empty_hd95, "empty": "both"}
         else:
@@ -202,11 +214,26 @@ def _read_labels(path: Path, role: str):
     return array.astype(np.uint8, copy=False), geometry
 
 
-def evaluate_case(case: str, pred_path, ref_path, convention: str = "brats2023") -> list[dict]:
-    """Rows ``{case, region, dice, hd95, empty}`` of one case (raises UserError on bad input)."""
+METRICS = ("legacy", "lesionwise", "both")
+
+
+def _blocks(metrics: str) -> tuple:
+    if metrics not in METRICS:
+        raise UserError(f"unknown --metrics {metrics!r}; choose from {', '.join(METRICS)}")
+    return ("legacy", "lesionwise") if metrics == "both" else (metrics,)
+
+
+def evaluate_case(case: str, pred_path, ref_path, convention: str = "brats2023", metrics: str = "both") -> list[dict]:
+    """One row per region of one case (raises UserError on bad input).
+
+    Rows: ``{case, region, spacing_zyx}``, with ``metrics`` legacy: ``dice, hd95, empty``
+    (:func:`region_metrics`), lesionwise: ``lesionwise`` (:func:`.lesionwise.lesionwise_region`).
+    """
     from .convert import geometry_differences
+    from .lesionwise import lesionwise_metrics
 
     conv = get_convention(convention)
+    blocks = _blocks(metrics)
     pred, pred_geom = _read_labels(Path(pred_path), "prediction")
     ref, ref_geom = _read_labels(Path(ref_path), "reference")
     diffs = geometry_differences(pred_geom, ref_geom)
@@ -215,8 +242,15 @@ def evaluate_case(case: str, pred_path, ref_path, convention: str = "brats2023")
                         f"{'; '.join(diffs)}. Predict on the original images (nnUNetv2_predict writes them on "
                         "the input grid) or resample the prediction onto the reference")
     spacing_zyx = tuple(reversed(ref_geom["spacing"]))
-    metrics = region_metrics(pred, ref, spacing_zyx, conv)
-    return [{"case": case, "region": r, **m} for r, m in metrics.items()]
+    legacy = region_metrics(pred, ref, spacing_zyx, conv) if "legacy" in blocks else {}
+    lesion = lesionwise_metrics(pred, ref, spacing_zyx) if "lesionwise" in blocks else {}
+    rows = []
+    for region in REGIONS:
+        row = {"case": case, "region": region, **legacy.get(region, {}), "spacing_zyx": list(spacing_zyx)}
+        if lesion:
+            row["lesionwise"] = lesion[region]
+        rows.append(row)
+    return rows
 
 
 def _evaluate_case_job(job):
@@ -234,18 +268,26 @@ def _stats(values) -> dict:
     return {"mean": float(a.mean()), "std": float(a.std())}
 
 
-def evaluate_folder(pred_dir, ref_dir, convention: str = "brats2023", n_jobs: int = 1) -> dict:
+def evaluate_folder(pred_dir, ref_dir, convention: str = "brats2023", n_jobs: int = 1, metrics: str = "both") -> dict:
     """Evaluate every reference case against its prediction; returns the summary dict.
 
-    Keys: ``convention`` (name, values, source), ``library``, ``n_cases``, ``pred_dir``,
+    Keys: ``metrics``, ``convention`` (name, values, HD95 definition, source), ``library``,
+    ``n_cases``, ``pred_dir``,
     ``ref_dir``, ``regions`` ({region: {labels, dice: {mean, std}, hd95: {mean, std},
     n_empty}}), ``average`` ({dice, hd95}: the mean over WT, TC, ET of the region means,
     as in the paper's "Average" column), ``per_case`` ({case: {region: {dice, hd95,
     empty}}}), ``rows`` (the per_case.csv rows) and ``ignored_predictions`` (prediction files
     without a reference). Dice is a fraction (0-1), HD95 in mm; std is the population std.
+    ``regions`` / ``average`` / ``per_case`` are the legacy block (absent with ``metrics=
+    "lesionwise"``); ``lesionwise`` (absent with ``"legacy"``) is :func:`.lesionwise.summarize`'s
+    block with the same ``regions`` / ``average`` layout plus lesion counts. ``warnings`` lists
+    what makes the numbers less comparable (a 1-mm convention on other voxel sizes).
     A reference case without a prediction is an error naming it.
     """
+    from .lesionwise import summarize
+
     conv = get_convention(convention)
+    blocks = _blocks(metrics)
     refs = find_reference_cases(ref_dir)
     preds = find_prediction_cases(pred_dir)
     missing = [c for c in refs if c not in preds]
@@ -255,8 +297,8 @@ def evaluate_folder(pred_dir, ref_dir, convention: str = "brats2023", n_jobs: in
                         f"(expected e.g. {Path(pred_dir) / (missing[0] + '.nii.gz')}); predict them or evaluate "
                         "against a reference folder holding only the predicted cases")
     ignored = sorted(c for c in preds if c not in refs)
-    jobs = [(c, str(preds[c]), str(refs[c]), conv.name) for c in refs]
-    library = hd95_library()  # imports MONAI (seconds) once here, so forked workers inherit it
+    jobs = [(c, str(preds[c]), str(refs[c]), conv.name, metrics) for c in refs]
+    library = hd95_library(conv)  # imports MONAI (seconds) once here, so forked workers inherit it
     if n_jobs > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(max_workers=min(n_jobs, len(jobs))) as pool:
             results = list(pool.map(_evaluate_case_job, jobs))
@@ -266,6 +308,22 @@ def evaluate_folder(pred_dir, ref_dir, convention: str = "brats2023", n_jobs: in
     if errors:
         raise UserError(f"{len(errors)} case(s) could not be evaluated:\n  " + "\n  ".join(errors))
     rows = [row for case_rows, _ in results for row in case_rows]
+    summary = {"metrics": metrics, "convention": asdict(conv), "library": library}
+    if "lesionwise" in blocks:
+        lesion_cases = {}
+        for row in rows:
+            lesion_cases.setdefault(row["case"], {})[row["region"]] = row["lesionwise"]
+        summary["lesionwise"] = summarize(lesion_cases)
+    warn = []
+    off_grid = sorted({r["case"] for r in rows if any(abs(s - 1.0) > 1e-6 for s in r["spacing_zyx"])})
+    if "legacy" in blocks and conv.hd95_spacing == "1mm" and off_grid:
+        warn.append(f"convention {conv.name} computes HD95 with 1 mm voxels as its script does, but "
+                    f"{len(off_grid)} case(s) have other voxel sizes (e.g. {off_grid[0]}): their whole-volume HD95 "
+                    "is in voxel units, not mm; use --convention brats2023 or monai for mm")
+    base = {"n_cases": len(refs), "pred_dir": str(Path(pred_dir).resolve()), "ref_dir": str(Path(ref_dir).resolve()),
+            "rows": rows, "ignored_predictions": ignored, "warnings": warn}
+    if "legacy" not in blocks:
+        return {**summary, **base}
     per_case = {}
     for row in rows:
         per_case.setdefault(row["case"], {})[row["region"]] = {k: row[k] for k in ("dice", "hd95", "empty")}
@@ -277,22 +335,24 @@ def evaluate_folder(pred_dir, ref_dir, convention: str = "brats2023", n_jobs: in
                            "hd95": _stats([r["hd95"] for r in region_rows]),
                            "n_empty": {k: sum(r["empty"] == k for r in region_rows) for k in ("both", "pred", "ref")}}
     return {
-        "convention": asdict(conv),
-        "library": library,
+        **summary,
         "dice": "2|P&R| / (|P|+|R|) on the region masks, as a fraction",
-        "n_cases": len(refs),
-        "pred_dir": str(Path(pred_dir).resolve()),
-        "ref_dir": str(Path(ref_dir).resolve()),
         "regions": regions,
         "average": {m: float(np.mean([regions[r][m]["mean"] for r in REGIONS])) for m in ("dice", "hd95")},
         "per_case": per_case,
-        "rows": rows,
-        "ignored_predictions": ignored,
+        **base,
     }
 
 
+LESION_COLUMNS = ("lesionwise_dice", "lesionwise_hd95", "lesions", "kept", "tp", "missed", "fp")
+
+
 def write_results(summary: dict, out_dir) -> tuple[Path, Path]:
-    """Write ``per_case.csv`` (case, region, dice, hd95) and ``summary.json`` into ``out_dir``."""
+    """Write ``per_case.csv`` and ``summary.json`` into ``out_dir``.
+
+    CSV columns: case, region, then (legacy) dice, hd95, empty_mask, then (lesionwise)
+    lesionwise_dice, lesionwise_hd95 and the counts lesions, kept, tp, missed, fp.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out_dir / "per_case.csv"
@@ -300,10 +360,17 @@ def write_results(summary: dict, out_dir) -> tuple[Path, Path]:
 
     with atomic_open(csv_path, "w", overwrite=True, newline="") as f:  # temporary file + rename
         writer = csv.writer(f)  # empty_mask: none, or which mask was empty (values from the convention)
-        writer.writerow(["case", "region", "dice", "hd95", "empty_mask"])
+        legacy, lesion = "regions" in summary, "lesionwise" in summary
+        writer.writerow(["case", "region"] + (["dice", "hd95", "empty_mask"] if legacy else []) +
+                        (list(LESION_COLUMNS) if lesion else []))
         for row in summary["rows"]:
-            writer.writerow([row["case"], row["region"], f"{row['dice']:.6f}", f"{row['hd95']:.6f}",
-                             row.get("empty", "none")])
+            cells = [row["case"], row["region"]]
+            if legacy:
+                cells += [f"{row['dice']:.6f}", f"{row['hd95']:.6f}", row.get("empty", "none")]
+            if lesion:
+                lw = row["lesionwise"]
+                cells += [f"{lw['dice']:.6f}", f"{lw['hd95']:.6f}", *(lw[k] for k in LESION_COLUMNS[2:])]
+            writer.writerow(cells)
     json_path = out_dir / "summary.json"
     content = {k: v for k, v in summary.items() if k != "rows"}
     atomic_write_text(json_path, json.dumps(content, indent=2) + "\n", overwrite=True)
@@ -311,7 +378,19 @@ def write_results(summary: dict, out_dir) -> tuple[Path, Path]:
 
 
 def format_table(summary: dict) -> str:
-    """A Table-1 style text table (Dice in %, HD95 in mm, mean +- std)."""
+    """Table-1 style text tables (Dice in %, HD95 in mm, mean +- std): whole volume, then lesion-wise."""
+    from .lesionwise import format_table as format_lesionwise
+
+    parts = []
+    if "regions" in summary:
+        parts.append(f"whole volume (legacy), convention {summary['convention']['name']}:\n" +
+                     _format_legacy(summary))
+    if "lesionwise" in summary:
+        parts.append("lesion-wise (BraTS 2023 challenge ranking):\n" + format_lesionwise(summary["lesionwise"]))
+    return "\n\n".join(parts)
+
+
+def _format_legacy(summary: dict) -> str:
     lines = [f"{'region':<8}{'Dice (%)':>18}{'HD95 (mm)':>20}"]
     for region, r in summary["regions"].items():
         lines.append(f"{region:<8}{100 * r['dice']['mean']:>10.2f} +- {100 * r['dice']['std']:5.2f}"
