@@ -54,6 +54,8 @@ require_nnunetv2()
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler  # noqa: E402
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer  # noqa: E402
 
+from nnunet_mamba.training.gpu_augmentation_trainer import GPUAugmentationMixin  # noqa: E402
+
 
 def unwrap(network: nn.Module) -> nn.Module:
     """The plain module inside DDP and/or torch.compile wrappers."""
@@ -62,7 +64,7 @@ def unwrap(network: nn.Module) -> nn.Module:
     return getattr(network, "_orig_mod", network)
 
 
-class MambaTrainerBase(nnUNetTrainer):
+class MambaTrainerBase(GPUAugmentationMixin, nnUNetTrainer):
     """nnU-Net trainer whose network and optimiser settings come from class attributes.
 
     Subclasses set ``network_class`` (called as ``network_class(in_channels, num_classes,
