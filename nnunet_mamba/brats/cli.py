@@ -168,7 +168,8 @@ def run(args) -> int:
         reproduce(ReproduceOptions(
             src=Path(args.src), trainers=tuple(args.trainers), dataset_id=args.dataset_id, name=args.name,
             folds=tuple(args.folds), work=Path(args.work) if args.work else None,
-            out=Path(args.out) if args.out else None, convention=args.convention, device=args.device,
+            out=Path(args.out) if args.out else None, convention=args.convention, metrics=args.metrics,
+            device=args.device,
             gpus=args.gpus, plans=args.plans, preset=args.preset, seed=args.seed, mode=args.mode, jobs=args.jobs,
             dry_run=args.dry_run))
         return 0

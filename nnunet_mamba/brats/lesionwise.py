@@ -127,11 +127,9 @@ def summarize(per_case: dict) -> dict:
     regions = {}
     for region in REGIONS:
         values = [per_case[c][region] for c in per_case]
-        regions[region] = {
-            "dice": {"mean": float(np.mean([v["dice"] for v in values])), "std": float(np.std([v["dice"] for v in values]))},
-            "hd95": {"mean": float(np.mean([v["hd95"] for v in values])), "std": float(np.std([v["hd95"] for v in values]))},
-            "counts": {k: int(sum(v[k] for v in values)) for k in COUNT_KEYS},
-        }
+        regions[region] = {m: {"mean": float(np.mean([v[m] for v in values])),
+                               "std": float(np.std([v[m] for v in values]))} for m in ("dice", "hd95")}
+        regions[region]["counts"] = {k: int(sum(v[k] for v in values)) for k in COUNT_KEYS}
     return {
         "rules": RULES,
         "hd95": HD95_DEFINITIONS["surface-weighted"],

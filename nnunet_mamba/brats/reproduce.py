@@ -89,6 +89,7 @@ class ReproduceOptions:
     work: Path | None = None
     out: Path | None = None
     convention: str = "brats2023"
+    metrics: str = "both"   # legacy | lesionwise | both (see metrics.evaluate_folder)
     device: str = "cuda"
     gpus: int | None = None
     plans: str = "nnUNetPlans"
@@ -125,6 +126,8 @@ def validate_options(opts: ReproduceOptions) -> None:
         raise UserError(f"dataset name {opts.name!r} may hold only letters, digits, '-' and '_'")
     if opts.convention not in CONVENTIONS:
         raise UserError(f"unknown --convention {opts.convention!r}; choose from {', '.join(CONVENTIONS)}")
+    if opts.metrics not in ("legacy", "lesionwise", "both"):
+        raise UserError(f"unknown --metrics {opts.metrics!r}; choose from legacy, lesionwise, both")
     if opts.device not in ("cuda", "cpu"):
         raise UserError(f"--device must be cuda or cpu, got {opts.device!r}")
     if opts.device == "cpu" and opts.gpus not in (None, 1):
@@ -818,7 +821,7 @@ def command_line(opts: ReproduceOptions) -> str:
     """The ``nnmamba brats2023 reproduce`` command that gives these options."""
     parts = ["nnmamba", "brats2023", "reproduce", str(Path(opts.src).resolve()), "--trainers", *opts.trainers,
              "-d", str(opts.dataset_id), "--name", opts.name, "--folds", *map(str, opts.folds),
-             "--convention", opts.convention, "--device", opts.device, "--plans", opts.plans,
+             "--convention", opts.convention, "--metrics", opts.metrics, "--device", opts.device, "--plans", opts.plans,
              "--seed", str(opts.seed), f"--{opts.mode}", "-j", str(opts.jobs)]
     if opts.work is not None:
         parts += ["--work", str(Path(opts.work).resolve())]
@@ -834,6 +837,7 @@ def command_line(opts: ReproduceOptions) -> str:
 def protocol_record(opts: ReproduceOptions, dataset: DatasetState, plans_id: str, conf: dict, classes: dict,
                     slots, env: dict) -> dict:
     """The protocol as run: data, split, folds, plans, trainers, inference, metrics (for reproduce.json)."""
+    from .lesionwise import RULES as LESIONWISE_RULES
     from .metrics import get_convention, hd95_library
 
     record = dataset.record
@@ -858,7 +862,8 @@ def protocol_record(opts: ReproduceOptions, dataset: DatasetState, plans_id: str
         "inference": ("nnUNetv2_predict -f <folds>: sliding window (step 0.5, Gaussian weighting), mirroring "
                       "test-time augmentation, logits averaged over the folds, sigmoid > 0.5 per region, painted "
                       f"in regions_class_order {list(REGIONS_CLASS_ORDER)}"),
-        "metrics": {"convention": asdict(get_convention(opts.convention)), "hd95": hd95_library(),
+        "metrics": {"blocks": opts.metrics, "lesionwise": LESIONWISE_RULES if opts.metrics != "legacy" else None,
+                    "convention": asdict(get_convention(opts.convention)), "hd95": hd95_library(opts.convention),
                     "dice": "2|P&R| / (|P|+|R|) on the region masks",
                     "table": "per region: mean over test cases; Average: mean over WT, TC, ET"},
         "environment": {k: env.get(k) for k in ("nnUNet_compile", "nnUNet_n_proc_DA", "nnUNet_def_n_proc")},
@@ -948,13 +953,14 @@ def reproduce(opts: ReproduceOptions) -> dict | None:
     summaries = {}
     t0 = time.time()
     for ps in sets:
-        summary = evaluate_folder(ps.output, labels_ts, opts.convention, n_jobs=opts.jobs)
+        summary = evaluate_folder(ps.output, labels_ts, opts.convention, n_jobs=opts.jobs, metrics=opts.metrics)
         write_results(summary, out / "metrics" / _method_key(ps.trainer, opts.folds))
         summaries[ps.trainer] = {k: v for k, v in summary.items() if k != "rows"}
     log.add("evaluate", "ran", f"{len(test_cases)} test case(s) x {len(sets)} trainer(s), convention "
             f"{opts.convention}", time.time() - t0)
 
-    rows = [Table1Row.from_summary(t, s) for t, s in summaries.items()]
+    rows = [Table1Row.from_summary(t, s) for t, s in summaries.items() if "regions" in s]  # whole volume
+    lesion_rows = [Table1Row.from_summary(t, s["lesionwise"]) for t, s in summaries.items() if "lesionwise" in s]
     conf = plans["configurations"][CONFIGURATION]
     record = dataset.record
     folds_text = (f"fold {PAPER_FOLD} (the paper's split: {len(record['train'])} train -> {len(record['val'])} val)"
@@ -964,14 +970,20 @@ def reproduce(opts: ReproduceOptions) -> dict | None:
                f"{folds_text}; plans {plans_id} ({CONFIGURATION}, patch {conf['patch_size']}, batch "
                f"{conf['batch_size']}); Dice in %, HD95 in mm, mean over test cases; empty masks: "
                f"{get_convention(opts.convention).source}.")
-    markdown = format_table1_markdown(rows)
+    markdown = "\n\n".join(
+        ([f"Whole volume (legacy), convention {opts.convention}:\n\n{format_table1_markdown(rows)}"] if rows else []) +
+        ([f"Lesion-wise (BraTS 2023 challenge ranking; docs/brats2023.md):\n\n{format_table1_markdown(lesion_rows)}"]
+         if lesion_rows else []))
     out.mkdir(parents=True, exist_ok=True)
     md_path = out / "table1.md"
     md_path.write_text(f"# nnMamba Table 1 reproduction\n\n{caption}\n\n{markdown}\n\n"
                        "## Reported in the paper (Gong et al. 2024, Table 1), for comparison\n\n"
                        f"{format_table1_markdown(paper_rows())}\n")
-    csv_path = write_table1_csv(rows, out / "table1.csv")
-    png_path = plot_per_case(summaries, out / "table1_boxplot.png",
+    csv_path = write_table1_csv(rows or lesion_rows, out / "table1.csv")  # lesion-wise alone: its rows
+    if rows and lesion_rows:
+        write_table1_csv(lesion_rows, out / "table1_lesionwise.csv")
+    png_path = plot_per_case(summaries if rows else {t: s["lesionwise"] for t, s in summaries.items()},
+                             out / "table1_boxplot.png",
                              f"BraTS 2023 GLI test split ({len(test_cases)} cases), {folds_text}")
     json_path = out / "reproduce.json"
     content = {
@@ -982,6 +994,7 @@ def reproduce(opts: ReproduceOptions) -> dict | None:
         "steps": log.steps,
         "seconds_total": round(time.time() - started, 1),
         "table": {"markdown": markdown, "caption": caption, "rows": [asdict(r) for r in rows],
+                  "lesionwise_rows": [asdict(r) for r in lesion_rows],
                   "paper": {m: {"dice": d, "hd95": h} for m, (d, h) in PAPER_TABLE1.items()}},
         "results": summaries,
         "files": {"markdown": str(md_path), "csv": str(csv_path), "boxplot": str(png_path), "json": str(json_path),
