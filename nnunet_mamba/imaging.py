@@ -68,7 +68,9 @@ def _sitk_reason(e: Exception) -> str:
 def _nifti_bytes(path: Path) -> bytes:
     """The whole (decompressed) NIfTI file; an ImageError for a damaged gzip stream."""
     try:
-        if str(path).lower().endswith(".gz"):
+        with open(path, "rb") as f:
+            compressed = f.read(2) == b"\x1f\x8b"  # gzip magic (a '.nii.gz' may be stored plain)
+        if compressed:
             with gzip.open(path, "rb") as f:
                 return f.read()
         return path.read_bytes()

@@ -69,6 +69,7 @@ def check_output_file(path, overwrite: bool, inputs: Iterable = (), option: str 
     parent = path.parent
     if parent.exists() and not parent.is_dir():
         raise UserError(f"{option} {path}: {parent} is a file, not a folder; choose another path")
+    remove_stale(parent)  # temporary files of killed runs
     return path
 
 
@@ -100,6 +101,7 @@ def check_output_dir(path, overwrite: bool, names: Iterable[str] = (), inputs: I
         for n in names:
             if _kind(path / n) == "folder":
                 raise UserError(f"{path / n} is a folder where an output file is written; move it away")
+        remove_stale(path)  # temporary files of killed runs
     return path
 
 

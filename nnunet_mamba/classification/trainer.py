@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..safe_io import write_json
 from ..networks.nnmamba_cls import ResNet3D, nnMambaCls
 from .augmentation import ClassificationAugmentation
 from .metrics import (METRIC_NAMES, binary_metrics, markdown_table, multiclass_metrics,
@@ -319,8 +320,7 @@ def train_fold(split: FoldSplit, files: Sequence[Path], labels: Sequence[int],
 
 
 def _write_json(path: Path, data) -> None:
-    with open(path, "w") as f:
-        json.dump(data, f, indent=2)
+    write_json(path, data, overwrite=True)  # temporary file + rename: never half-written
 
 
 def cross_validate(table: ClassificationTable, config: PreprocessingConfig,
