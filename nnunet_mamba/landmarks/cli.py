@@ -113,6 +113,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--quiet", action="store_true", help="no per-case lines")
     p.add_argument("--overwrite", action="store_true", help="replace <CASE>.json files already in --out")
+    p.add_argument("--format", choices=("json", "slicer", "fcsv"), default="json",
+                   help="json (default: our format, with confidences and voxel indices), slicer "
+                        "(3D Slicer <CASE>.mrk.json) or fcsv (Slicer's <CASE>.fcsv); LPS, "
+                        "confidence in each point's description")
 
     p = sub.add_parser(
         "evaluate", help="MRE (mm) and success detection rates",
@@ -179,18 +183,20 @@ def run(args) -> int:
         from ..safe_io import check_output_dir
         from .inference import load_model, predict_folder, resolve_device
         from .io import list_images
+        from .markups import FORMAT_SUFFIXES
 
         images = Path(args.images)
         if (images / "images").is_dir():
             images = images / "images"
         # outputs checked before any work: no existing <CASE>.json without --overwrite (e.g. the
         # dataset's reference landmarks), never the image or model folder
-        check_output_dir(args.out, args.overwrite, names=[f"{c}.json" for c in list_images(images)],
+        suffix = FORMAT_SUFFIXES[args.format]
+        check_output_dir(args.out, args.overwrite, names=[f"{c}{suffix}" for c in list_images(images)],
                          inputs=[images, args.model])
         device = resolve_device(args.device)
         model = load_model(args.model, args.folds, args.checkpoint, device)
         cases = predict_folder(model, images, args.out, device,
-                               log=None if args.quiet else print)
+                               log=None if args.quiet else print, fmt=args.format)
         print(f"predicted {len(cases)} case(s) with fold(s) {', '.join(map(str, model.folds))} "
               f"into {args.out}")
         return 0

@@ -23,6 +23,7 @@ from .data import read_image, to_working_grid
 from .geometry import WorkingGrid, world_to_index
 from .heatmaps import decode_heatmaps
 from .io import list_images, write_landmarks
+from .markups import FORMAT_SUFFIXES
 
 CONFIG_NAME = "config.json"
 CHECKPOINTS = {"final": "checkpoint_final.pt", "best": "checkpoint_best.pt"}
@@ -122,8 +123,9 @@ def load_model(folder, folds: Optional[Sequence[int]] = None, checkpoint: str = 
 
 
 def predict_folder(model: LandmarkModel, images_dir, out_dir, device: torch.device,
-                   log=print) -> list[str]:
-    """Predict every image of ``images_dir``; writes ``out_dir/<CASE>.json``."""
+                   log=print, fmt: str = "json") -> list[str]:
+    """Predict every image of ``images_dir``; writes ``out_dir/<CASE>.json`` (``fmt`` 'json'),
+    3D Slicer's ``<CASE>.mrk.json`` ('slicer') or ``<CASE>.fcsv`` ('fcsv')."""
     cfg = model.config
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -134,7 +136,7 @@ def predict_folder(model: LandmarkModel, images_dir, out_dir, device: torch.devi
         heat = predict_heatmaps(model.networks, array, device)
         world, conf, _ = decode_to_world(heat, grid, cfg["sigma"], cfg.get("decode_radius", 3))
         index = world_to_index(image, world)
-        write_landmarks(out_dir / f"{case}.json", dict(zip(model.names, world)),
+        write_landmarks(out_dir / f"{case}{FORMAT_SUFFIXES[fmt]}", dict(zip(model.names, world)),
                         confidence={n: float(c) for n, c in zip(model.names, conf)},
                         voxel_index={n: [float(v) for v in ix]
                                      for n, ix in zip(model.names, index)},

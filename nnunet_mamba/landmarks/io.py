@@ -14,6 +14,8 @@ SimpleITK / ITK report (LPS for NIfTI and DICOM):
   into LPS by negating x and y. Other keys (e.g. the ``confidence`` of predictions) are
   ignored by the reader.
 * CSV: one ``name,x,y,z`` row per landmark; an optional header row ``name,x,y,z``.
+* 3D Slicer markups, ``.fcsv`` and ``.mrk.json`` (RAS or LPS, as their header says); see
+  :mod:`.markups`. Writing to such a file name writes that format.
 
 Every case must have the same landmark names. Predictions are written as JSON in the same
 format (LPS), so they can be read back by :func:`read_landmarks`.
@@ -31,9 +33,10 @@ import numpy as np
 
 from ..errors import UserError
 from ..safe_io import atomic_write_text, load_json
+from .markups import MARKUPS_EXTENSIONS, is_markups_path, markups_text, reader_for
 
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".gipl.gz", ".gipl")
-LANDMARK_EXTENSIONS = (".json", ".csv")
+LANDMARK_EXTENSIONS = MARKUPS_EXTENSIONS + (".json", ".csv")  # .mrk.json before .json
 COORDINATE_SYSTEMS = ("LPS", "RAS")
 
 
@@ -105,7 +108,7 @@ def read_landmarks(path) -> dict[str, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: landmark file not found.")
-    reader = _read_csv if path.suffix.lower() == ".csv" else _read_json
+    reader = reader_for(path) or (_read_csv if path.suffix.lower() == ".csv" else _read_json)
     out = reader(path)
     if not out:
         raise UserError(f"{path}: holds no landmarks. Add at least one 'name: [x, y, z]'.")
@@ -118,6 +121,9 @@ def write_landmarks(path, landmarks: Mapping[str, Sequence[float]], *, replace: 
     temporary file and a rename (a symlink at ``path`` is replaced, never followed); with
     ``replace=False`` an existing file is an error. Commands check their outputs first
     (:func:`nnunet_mamba.safe_io.check_output_dir`)."""
+    if is_markups_path(path):  # 3D Slicer .fcsv / .mrk.json: see markups.py
+        atomic_write_text(path, markups_text(path, landmarks, **extra), overwrite=replace)
+        return
     doc = {"landmarks": {k: [float(x) for x in v] for k, v in landmarks.items()},
            "coordinate_system": "LPS", **extra}
     atomic_write_text(path, json.dumps(doc, indent=2) + "\n", overwrite=replace)
@@ -194,7 +200,7 @@ def discover_dataset(data_dir) -> list[LandmarkCase]:
         more = (f" ({len(missing)} cases lack one: {', '.join(missing[:5])}"
                 f"{', ...' if len(missing) > 5 else ''})" if len(missing) > 1 else "")
         raise UserError(f"case {c!r} ({images[c]}) has no landmark file; expected "
-                        f"{lm_dir / c}.json or {lm_dir / c}.csv. Add it, or move the image out "
+                        f"{lm_dir / c}.json (or .csv, Slicer's .fcsv / .mrk.json). Add it, or move the image out "
                         f"of {img_dir}{more}.")
     orphans = [c for c in marks if c not in images]
     if orphans:
