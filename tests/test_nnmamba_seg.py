@@ -35,7 +35,7 @@ def test_shapes_with_and_without_deep_supervision(shape):
     outs = net(x)
     assert len(outs) == len(net.ds_scales) == 4
     for o, s in zip(outs, net.ds_scales):
-        assert o.shape == (2, 3, *[round(d * s) for d in shape])
+        assert o.shape == (2, 3, *[round(d * f) for d, f in zip(shape, s)])  # per-axis scales
     sum(o.float().mean() for o in outs).backward()
     assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
     net.decoder.deep_supervision = False

@@ -259,12 +259,12 @@ def test_channel_token_layer_refuses_another_patch_size():
         net(torch.randn(1, 4, 24, 24, 12))
 
 
-def test_plans_must_be_3d():
+def test_plans_must_be_2d_or_3d():  # 2D plans: tests/test_configurations.py
     plans = tiny_plans(PATCH_A)
     arch = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
-    arch["conv_op"] = "torch.nn.modules.conv.Conv2d"
+    arch["conv_op"] = "torch.nn.modules.conv.Conv1d"
     _, cm = configuration(plans)
-    with pytest.raises(ValueError, match="3d_fullres"):
+    with pytest.raises(ValueError, match="Conv2d or Conv3d"):
         unet_kwargs_from_plans(cm)
 
 

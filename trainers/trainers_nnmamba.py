@@ -4,8 +4,16 @@ Optimiser and schedule of the paper's Sec. 3.1: Adam, lr 2e-3, weight decay 1e-3
 epochs (of nnU-Net's 250 iterations), nnU-Net's poly learning-rate decay; batch size and
 patch size from the plans (``nnmamba plans apply paper`` gives the paper's 128^3, batch 2).
 Deep supervision through nnU-Net's own switch (``decoder.deep_supervision``) at full, 1/2,
-1/4 and 1/8 resolution. Mixed precision on CUDA as nnU-Net does it; the selective scan
-itself always runs in float32.
+1/4 and 1/8 resolution (anisotropic plans: 1 / cumprod of the plans' strides). Mixed
+precision on CUDA as nnU-Net does it; the selective scan itself always runs in float32.
+
+Every configuration (``2d``, ``3d_fullres``, ``3d_lowres``, ``3d_cascade_fullres``): strides
+and kernel sizes of nnMamba's four levels come from the plans (see ``nnMambaSeg.from_plans``).
+
+Normalisation: the paper's BatchNorm, whose eval-mode statistics are bias-corrected for
+their initial values (``BiasCorrectedBatchNorm3d``): plain BatchNorm validated after a few
+iterations gives inf logits (issue 13); after ~50 iterations both are the same.
+``nnMambaTrainer_InstanceNorm`` uses nnU-Net's InstanceNorm instead (no running statistics).
 """
 from nnunet_mamba.networks import nnMambaSeg
 from nnunet_mamba.training.base import MambaTrainerBase, short_variants
@@ -19,4 +27,11 @@ class nnMambaTrainer(MambaTrainerBase):
     hyperparameters = {"initial_lr": 2e-3, "weight_decay": 1e-3, "num_epochs": 100}
 
 
+class nnMambaTrainer_InstanceNorm(nnMambaTrainer):
+    """nnMambaTrainer with nnU-Net's InstanceNorm (affine, eps 1e-5) instead of BatchNorm."""
+
+    network_kwargs = {"norm": "instance"}
+
+
 globals().update(short_variants(nnMambaTrainer, __name__))
+globals().update(short_variants(nnMambaTrainer_InstanceNorm, __name__))

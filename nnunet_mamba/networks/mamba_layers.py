@@ -65,7 +65,9 @@ class BidirectionalMambaBlock(nn.Module):
 
 
 class FeatureMapSequenceMixer(nn.Module):
-    """Run a token mixer over a 3D feature map: (B, C, D, H, W) -> (B, C, D, H, W).
+    """Run a token mixer over a feature map: (B, C, D, H, W) -> (B, C, D, H, W), or
+    (B, C, H, W) -> (B, C, H, W) (2D maps are read as :mod:`~nnunet_mamba.ssm.scan_orders`
+    says: the orders' 2D forms, Mamba over the H x W tokens).
 
     The map is read in raster order (:func:`~nnunet_mamba.ssm.to_sequence`), optionally
     layer-normalised over channels, mixed by :meth:`mix` and written back; ``residual`` adds the
@@ -89,9 +91,9 @@ class FeatureMapSequenceMixer(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 5 or x.shape[1] != self.channels:
-            raise ValueError(f"{type(self).__name__}: expected (B, {self.channels}, D, H, W), "
-                             f"got {tuple(x.shape)}")
+        if x.dim() not in (4, 5) or x.shape[1] != self.channels:
+            raise ValueError(f"{type(self).__name__}: expected (B, {self.channels}, D, H, W) or "
+                             f"(B, {self.channels}, H, W), got {tuple(x.shape)}")
         shape = tuple(x.shape[2:])
         if self.channel_tokens and x[0, 0].numel() != self.num_voxels:
             raise ValueError(
@@ -155,8 +157,8 @@ def unet_kwargs_from_plans(configuration_manager) -> dict:
     Reads ``configuration_manager.network_arch_init_kwargs`` (nnU-Net >= 2.4 plans: plain
     ``PlainConvUNet`` plans or residual-encoder plans) and resolves the class names listed in
     ``_kw_requires_import`` as nnU-Net's ``get_network_from_plans`` does. The encoder's block
-    counts are returned as ``n_blocks_per_stage`` whichever name the plans use. Only 3D
-    configurations are accepted: the Mamba layers scan volumes.
+    counts are returned as ``n_blocks_per_stage`` whichever name the plans use. 2D
+    (``2d``) and 3D configurations are accepted: the Mamba layers scan volumes or images.
     """
     kwargs = dict(configuration_manager.network_arch_init_kwargs)
     for key in configuration_manager.network_arch_init_kwargs_req_import:
@@ -167,10 +169,10 @@ def unet_kwargs_from_plans(configuration_manager) -> dict:
             raise ValueError("the plans' architecture has neither n_conv_per_stage nor "
                              "n_blocks_per_stage; re-plan the dataset with nnUNetv2_plan_experiment")
         kwargs["n_blocks_per_stage"] = kwargs.pop("n_conv_per_stage")
-    if kwargs.get("conv_op") is not nn.Conv3d:
+    if kwargs.get("conv_op") not in (nn.Conv2d, nn.Conv3d):
         raise ValueError(
-            f"these Mamba networks need a 3D configuration (conv_op Conv3d), the plans give "
-            f"{kwargs.get('conv_op')}; train the 3d_fullres (or 3d_lowres) configuration")
+            f"these Mamba networks need a 2D or 3D configuration (conv_op Conv2d or Conv3d), the "
+            f"plans give {kwargs.get('conv_op')}; re-plan the dataset with nnUNetv2_plan_experiment")
     for key in ("block", "bottleneck_channels", "stem_channels"):
         kwargs.pop(key, None)  # residual-encoder extras that these networks fix themselves
     return kwargs

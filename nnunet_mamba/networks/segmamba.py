@@ -22,47 +22,67 @@ Differences from the public code, all deliberate:
 
 No deep supervision (neither the paper nor the code has any). At 4 inputs / 4 outputs the
 network has 67.4 M parameters, as the public code.
+
+Inside nnU-Net (:meth:`SegMamba.from_plans`) the per-level strides and kernel sizes come from
+the plans (``pool_op_kernel_sizes[1:5]``, ``conv_kernel_sizes[:5]``): anisotropic data are
+down-sampled in-plane first as nnU-Net does, and the ``2d`` configuration gives a 2D SegMamba
+(Conv2d / InstanceNorm2d, Mamba over the H x W tokens; the inter-slice branch then reads the
+image column by column, see :mod:`nnunet_mamba.ssm.scan_orders`). The stem keeps the paper's
+7-voxel kernel along every axis the plans convolve (kernel > 1) and the stride of the first
+pooling; down-sampling and transposed convolutions use kernel = stride of their level; the
+other 3x3x3 convolutions take their level's kernel size. On isotropic plans (BraTS: strides
+2, kernels 3) this is exactly the paper's network.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from ..ssm import FORWARD, INTER_SLICE, REVERSE, MultiScanMamba
-from .blocks import crop_to, pad_to_multiple
+from .blocks import ConvOps, Size, crop_to, pad_to_multiple, per_axis, plans_levels
 from .mamba_layers import FeatureMapSequenceMixer
+
+#: SegMamba's convolutions: 3D, InstanceNorm without affine parameters (as the public code)
+SEGMAMBA_OPS = ConvOps.create(3, "instance_plain")
+#: SegMamba's depth: a stem and three down-sampling convolutions
+SEGMAMBA_LEVELS = 4
 
 
 class ConvInstNormAct(nn.Sequential):
-    """Conv3d (stride 1, 'same' padding, bias) -> InstanceNorm3d -> ReLU; used by GSC.
+    """Conv (stride 1, 'same' padding, bias) -> InstanceNorm -> ReLU; used by GSC.
 
-    (B, in_channels, D, H, W) -> (B, out_channels, D, H, W).
+    (B, in_channels, D, H, W) -> (B, out_channels, D, H, W); 2D with 2D ``ops``.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int):
-        super().__init__(nn.Conv3d(in_channels, out_channels, kernel_size, padding=kernel_size // 2),
-                         nn.InstanceNorm3d(out_channels), nn.ReLU(inplace=True))
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: Size,
+                 ops: ConvOps = SEGMAMBA_OPS):
+        kernel = per_axis(kernel_size, ops.dim)
+        super().__init__(ops.conv(in_channels, out_channels, kernel, padding=[k // 2 for k in kernel]),
+                         ops.make_norm(out_channels), nn.ReLU(inplace=True))
 
 
 class GatedSpatialConv(nn.Module):
     """Gated Spatial Convolution (GSC, Xing et al. 2024, Sec. 2.2, Eq. 1).
 
-    ``z + C1(C3(C3(z)) * C1(z))``: two 3x3x3 conv-norm-ReLU layers gated by a 1x1x1
-    conv-norm-ReLU branch, a 1x1x1 conv-norm-ReLU and a residual connection. ``gate="add"``
-    sums the branches instead, as the public code does. (B, C, D, H, W) -> (B, C, D, H, W).
+    ``z + C1(C3(C3(z)) * C1(z))``: two 3x3x3 (``kernel_size``) conv-norm-ReLU layers gated by
+    a 1x1x1 conv-norm-ReLU branch, a 1x1x1 conv-norm-ReLU and a residual connection.
+    ``gate="add"`` sums the branches instead, as the public code does.
+    (B, C, D, H, W) -> (B, C, D, H, W); 2D with 2D ``ops``.
     """
 
-    def __init__(self, channels: int, gate: str = "multiply"):
+    def __init__(self, channels: int, gate: str = "multiply", kernel_size: Size = 3,
+                 ops: ConvOps = SEGMAMBA_OPS):
         super().__init__()
         if gate not in ("multiply", "add"):
             raise ValueError(f"gate must be 'multiply' or 'add', got {gate!r}")
         self.gate = gate
-        self.spatial = nn.Sequential(ConvInstNormAct(channels, channels, 3),
-                                     ConvInstNormAct(channels, channels, 3))
-        self.pointwise = ConvInstNormAct(channels, channels, 1)
-        self.proj = ConvInstNormAct(channels, channels, 1)
+        self.spatial = nn.Sequential(ConvInstNormAct(channels, channels, kernel_size, ops),
+                                     ConvInstNormAct(channels, channels, kernel_size, ops))
+        self.pointwise = ConvInstNormAct(channels, channels, 1, ops)
+        self.proj = ConvInstNormAct(channels, channels, 1, ops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s, p = self.spatial(x), self.pointwise(x)
@@ -93,11 +113,11 @@ class TriOrientedMamba(FeatureMapSequenceMixer):
 class ChannelMLP(nn.Sequential):
     """1x1x1 conv C -> hidden, GELU, 1x1x1 conv hidden -> C (SegMamba's skip MLP).
 
-    (B, C, D, H, W) -> (B, C, D, H, W).
+    (B, C, D, H, W) -> (B, C, D, H, W); 2D with 2D ``ops``.
     """
 
-    def __init__(self, channels: int, hidden: int):
-        super().__init__(nn.Conv3d(channels, hidden, 1), nn.GELU(), nn.Conv3d(hidden, channels, 1))
+    def __init__(self, channels: int, hidden: int, ops: ConvOps = SEGMAMBA_OPS):
+        super().__init__(ops.conv(channels, hidden, 1), nn.GELU(), ops.conv(hidden, channels, 1))
 
 
 class FeatureUncertaintyWeighting(nn.Module):
@@ -106,7 +126,7 @@ class FeatureUncertaintyWeighting(nn.Module):
     From a skip feature f: p = sigmoid(mean over channels of f) (B, 1, D, H, W), the
     voxel-wise uncertainty u = -p log p (at most 1/e), and the re-weighted feature
     ``f + f * (1 - u)``: voxels whose features are certain are enhanced more. Parameter-free.
-    (The public SegMamba code has no FUE.) (B, C, D, H, W) -> (B, C, D, H, W).
+    (The public SegMamba code has no FUE.) (B, C, *spatial) -> (B, C, *spatial).
     """
 
     @staticmethod
@@ -118,33 +138,53 @@ class FeatureUncertaintyWeighting(nn.Module):
         return x + x * (1 - self.uncertainty(x))
 
 
+def _levels(strides, kernel_sizes, num_levels: int, dim: int):
+    """Per-level strides (stem first) and kernel sizes (full resolution + one per level),
+    defaulting to the paper's isotropic 2 and 3."""
+    strides = [per_axis(s, dim) for s in (strides or [2] * num_levels)]
+    kernels = [per_axis(k, dim) for k in (kernel_sizes or [3] * (num_levels + 1))]
+    if len(strides) != num_levels or len(kernels) != num_levels + 1:
+        raise ValueError(f"{num_levels} stages need {num_levels} strides and {num_levels + 1} "
+                         f"kernel sizes, got {len(strides)} and {len(kernels)}")
+    return strides, kernels
+
+
 class SegMambaEncoder(nn.Module):
     """SegMamba encoder (Xing et al. 2024, Sec. 2.1-2.2).
 
-    Input (B, in_channels, D, H, W), sizes divisible by ``2 ** len(widths)``. Returns one
-    skip feature per stage: stage i at 1/2^(i+1) of the input with ``widths[i]`` channels
-    (stage output -> InstanceNorm -> :class:`ChannelMLP`); the un-normalised stage output feeds
-    the next stage, as in the public code.
+    Input (B, in_channels, D, H, W) (2D ``ops``: (B, in_channels, H, W)), each axis divisible
+    by ``divisor`` (the product of the strides along it; 16 in the paper). Returns one skip
+    feature per stage: stage i at 1/prod(strides[:i+1]) of the input with ``widths[i]``
+    channels (stage output -> InstanceNorm -> :class:`ChannelMLP`); the un-normalised stage
+    output feeds the next stage, as in the public code. ``strides``: one per stage (the stem's
+    first; default 2), ``kernel_sizes``: full resolution + one per stage (default 3).
     """
 
     def __init__(self, in_channels: int, widths: Sequence[int] = (48, 96, 192, 384),
                  depths: Sequence[int] = (2, 2, 2, 2), d_state: int = 16, d_conv: int = 4,
-                 expand: int = 2, gsc_gate: str = "multiply"):
+                 expand: int = 2, gsc_gate: str = "multiply",
+                 strides: Optional[Sequence[Size]] = None,
+                 kernel_sizes: Optional[Sequence[Size]] = None, ops: ConvOps = SEGMAMBA_OPS):
         super().__init__()
         if len(widths) != len(depths):
             raise ValueError("one depth per stage width")
-        self.stem = nn.Conv3d(in_channels, widths[0], kernel_size=7, stride=2, padding=3)
+        self.strides, self.kernel_sizes = _levels(strides, kernel_sizes, len(widths), ops.dim)
+        stem_kernel = [7 if k > 1 else 1 for k in self.kernel_sizes[1]]
+        self.stem = ops.conv(in_channels, widths[0], kernel_size=stem_kernel,
+                             stride=self.strides[0], padding=[k // 2 for k in stem_kernel])
         self.downsamples = nn.ModuleList(
-            nn.Sequential(nn.InstanceNorm3d(widths[i]), nn.Conv3d(widths[i], widths[i + 1], 2, 2))
+            nn.Sequential(ops.make_norm(widths[i]),
+                          ops.conv(widths[i], widths[i + 1], self.strides[i + 1], self.strides[i + 1]))
             for i in range(len(widths) - 1))
-        self.gscs = nn.ModuleList(GatedSpatialConv(w, gsc_gate) for w in widths)
+        self.gscs = nn.ModuleList(GatedSpatialConv(w, gsc_gate, k, ops)
+                                  for w, k in zip(widths, self.kernel_sizes[1:]))
         self.stages = nn.ModuleList(
             nn.Sequential(*[TriOrientedMamba(w, d_state, d_conv, expand) for _ in range(depth)])
             for w, depth in zip(widths, depths))
-        self.out_norms = nn.ModuleList(nn.InstanceNorm3d(w) for w in widths)
-        self.out_mlps = nn.ModuleList(ChannelMLP(w, 2 * w) for w in widths)
+        self.out_norms = nn.ModuleList(ops.make_norm(w) for w in widths)
+        self.out_mlps = nn.ModuleList(ChannelMLP(w, 2 * w, ops) for w in widths)
         self.output_channels = list(widths)
-        self.divisor = 2 ** len(widths)
+        self.divisor = tuple(math.prod(s[a] for s in self.strides) for a in range(ops.dim))
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         feats = []
@@ -159,19 +199,23 @@ class UnetResBlock(nn.Module):
     """Residual block of UNETR's decoder (MONAI ``UnetResBlock``, Hatamizadeh et al. 2022).
 
     conv3 -> InstanceNorm -> LeakyReLU(0.01) -> conv3 -> InstanceNorm, plus the input (through
-    a 1x1x1 conv and InstanceNorm when the width changes), LeakyReLU. Bias-free convolutions,
-    InstanceNorm without affine parameters. (B, in_channels, D, H, W) -> (B, out_channels, D, H, W).
+    a 1x1x1 conv and InstanceNorm when the width changes), LeakyReLU. Bias-free convolutions
+    (``kernel_size``, default 3), InstanceNorm without affine parameters.
+    (B, in_channels, D, H, W) -> (B, out_channels, D, H, W); 2D with 2D ``ops``.
     """
 
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: Size = 3,
+                 ops: ConvOps = SEGMAMBA_OPS):
         super().__init__()
-        self.conv1 = nn.Conv3d(in_channels, out_channels, 3, padding=1, bias=False)
-        self.norm1 = nn.InstanceNorm3d(out_channels)
-        self.conv2 = nn.Conv3d(out_channels, out_channels, 3, padding=1, bias=False)
-        self.norm2 = nn.InstanceNorm3d(out_channels)
+        kernel = per_axis(kernel_size, ops.dim)
+        pad = [k // 2 for k in kernel]
+        self.conv1 = ops.conv(in_channels, out_channels, kernel, padding=pad, bias=False)
+        self.norm1 = ops.make_norm(out_channels)
+        self.conv2 = ops.conv(out_channels, out_channels, kernel, padding=pad, bias=False)
+        self.norm2 = ops.make_norm(out_channels)
         self.act = nn.LeakyReLU(0.01, inplace=True)
         self.shortcut = nn.Identity() if in_channels == out_channels else nn.Sequential(
-            nn.Conv3d(in_channels, out_channels, 1, bias=False), nn.InstanceNorm3d(out_channels))
+            ops.conv(in_channels, out_channels, 1, bias=False), ops.make_norm(out_channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.norm2(self.conv2(self.act(self.norm1(self.conv1(x)))))
@@ -179,16 +223,19 @@ class UnetResBlock(nn.Module):
 
 
 class UnetUpBlock(nn.Module):
-    """UNETR up block (MONAI ``UnetrUpBlock``): 2x2x2 stride-2 transposed convolution (no bias),
-    concatenation with the skip, :class:`UnetResBlock` to ``out_channels``.
+    """UNETR up block (MONAI ``UnetrUpBlock``): transposed convolution with kernel = stride
+    (2x2x2 by default, no bias), concatenation with the skip, :class:`UnetResBlock` to
+    ``out_channels``.
 
     (B, in_channels, d, h, w), skip (B, out_channels, 2d, 2h, 2w) -> (B, out_channels, 2d, 2h, 2w).
     """
 
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, stride: Size = 2,
+                 kernel_size: Size = 3, ops: ConvOps = SEGMAMBA_OPS):
         super().__init__()
-        self.up = nn.ConvTranspose3d(in_channels, out_channels, 2, stride=2, bias=False)
-        self.conv = UnetResBlock(2 * out_channels, out_channels)
+        stride = per_axis(stride, ops.dim)
+        self.up = ops.conv_transpose(in_channels, out_channels, stride, stride=stride, bias=False)
+        self.conv = UnetResBlock(2 * out_channels, out_channels, kernel_size, ops)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         return self.conv(torch.cat([self.up(x), skip], dim=1))
@@ -203,21 +250,30 @@ class SegMambaDecoder(nn.Module):
     :class:`UnetResBlock` to ``widths[i+1]``; the bottleneck f_n through a
     :class:`UnetResBlock` to ``hidden`` channels. Then :class:`UnetUpBlock` s back to full
     resolution, a last :class:`UnetResBlock` and a 1x1 head: logits (B, num_classes, D, H, W).
+    ``strides`` / ``kernel_sizes`` as in :class:`SegMambaEncoder` (each block uses the kernel
+    size of its level; each transposed convolution undoes its level's stride).
     No deep supervision: ``deep_supervision`` exists for nnU-Net's switch and must stay False.
     """
 
-    def __init__(self, in_channels: int, num_classes: int, widths: Sequence[int], hidden: int):
+    def __init__(self, in_channels: int, num_classes: int, widths: Sequence[int], hidden: int,
+                 strides: Optional[Sequence[Size]] = None,
+                 kernel_sizes: Optional[Sequence[Size]] = None, ops: ConvOps = SEGMAMBA_OPS):
         super().__init__()
         self.deep_supervision = False
+        strides, kernels = _levels(strides, kernel_sizes, len(widths), ops.dim)
         skip_widths = [*widths, hidden]
+        # skip block k works at level k (k = 0: the image, k = i + 1: f_i)
         self.skip_blocks = nn.ModuleList(
-            [UnetResBlock(in_channels, skip_widths[0])]
-            + [UnetResBlock(widths[i], skip_widths[i + 1]) for i in range(len(widths))])
+            [UnetResBlock(in_channels, skip_widths[0], kernels[0], ops)]
+            + [UnetResBlock(widths[i], skip_widths[i + 1], kernels[i + 1], ops)
+               for i in range(len(widths))])
         self.uncertainty = FeatureUncertaintyWeighting()
+        # up block k: level k -> level k - 1 (its transposed conv undoes strides[k - 1])
         self.up_blocks = nn.ModuleList(
-            UnetUpBlock(skip_widths[k], skip_widths[k - 1]) for k in reversed(range(1, len(skip_widths))))
-        self.final_block = UnetResBlock(widths[0], widths[0])
-        self.head = nn.Conv3d(widths[0], num_classes, 1)
+            UnetUpBlock(skip_widths[k], skip_widths[k - 1], strides[k - 1], kernels[k - 1], ops)
+            for k in reversed(range(1, len(skip_widths))))
+        self.final_block = UnetResBlock(widths[0], widths[0], kernels[0], ops)
+        self.head = ops.conv(widths[0], num_classes, 1)
 
     def forward(self, image: torch.Tensor, feats: Sequence[torch.Tensor]) -> torch.Tensor:
         if self.deep_supervision:
@@ -234,25 +290,50 @@ class SegMambaDecoder(nn.Module):
 class SegMamba(nn.Module):
     """SegMamba (Xing et al. 2024): :class:`SegMambaEncoder` + :class:`SegMambaDecoder`.
 
-    Input (B, in_channels, D, H, W) of any size: zero-padded at the end of each axis to a
-    multiple of 16 and the logits (B, num_classes, D, H, W) cropped back. Defaults are the
-    paper's: widths 48/96/192/384, two ToM layers per stage (Mamba d_state 16, d_conv 4,
-    expand 2), bottleneck skip width 768. 67.4 M parameters at 4 inputs / 4 outputs.
+    Input (B, in_channels, D, H, W) (``spatial_dims=2``: (B, in_channels, H, W)) of any size:
+    zero-padded at the end of each axis to a multiple of ``encoder.divisor`` (16 in the paper)
+    and the logits (B, num_classes, *size) cropped back. Defaults are the paper's: widths
+    48/96/192/384, two ToM layers per stage (Mamba d_state 16, d_conv 4, expand 2),
+    bottleneck skip width 768, strides 2, kernels 3 (stem 7). 67.4 M parameters at 4 inputs /
+    4 outputs. ``strides`` (one per stage) and ``kernel_sizes`` (full resolution + one per
+    stage) may be anisotropic; :meth:`from_plans` takes them from nnU-Net's plans.
     No deep supervision: ``deep_supervision=True`` is refused.
     """
 
     def __init__(self, in_channels: int, num_classes: int,
                  widths: Sequence[int] = (48, 96, 192, 384), depths: Sequence[int] = (2, 2, 2, 2),
                  hidden: int = 768, d_state: int = 16, d_conv: int = 4, expand: int = 2,
-                 gsc_gate: str = "multiply", deep_supervision: bool = False):
+                 gsc_gate: str = "multiply", deep_supervision: bool = False,
+                 strides: Optional[Sequence[Size]] = None,
+                 kernel_sizes: Optional[Sequence[Size]] = None, spatial_dims: int = 3):
         super().__init__()
         if deep_supervision:
             raise ValueError("SegMamba has no deep supervision (Xing et al. 2024); build it with "
                              "deep_supervision=False (its trainer sets supports_deep_supervision "
                              "= False)")
+        ops = ConvOps.create(spatial_dims, "instance_plain")
         self.encoder = SegMambaEncoder(in_channels, widths, depths, d_state, d_conv, expand,
-                                       gsc_gate)
-        self.decoder = SegMambaDecoder(in_channels, num_classes, widths, hidden)
+                                       gsc_gate, strides, kernel_sizes, ops)
+        self.decoder = SegMambaDecoder(in_channels, num_classes, widths, hidden,
+                                       self.encoder.strides, self.encoder.kernel_sizes, ops)
+
+    @classmethod
+    def from_plans(cls, configuration_manager, num_input_channels: int, num_output_channels: int,
+                   deep_supervision: bool = False, **overrides) -> "SegMamba":
+        """The network for an nnU-Net plans configuration (``2d``, ``3d_fullres``,
+        ``3d_lowres``, ``3d_cascade_fullres``): the plans' dimensionality, strides
+        ``pool_op_kernel_sizes[1:5]`` and kernel sizes ``conv_kernel_sizes[:5]``. Plans that
+        pool fewer than 4 times give as many stages as poolings (the first widths and depths,
+        bottleneck width twice the last stage's). ``deep_supervision`` is ignored (SegMamba has
+        none)."""
+        strides, kernels = plans_levels(configuration_manager, SEGMAMBA_LEVELS, "SegMamba")
+        n = len(strides)
+        kwargs = {"strides": strides, "kernel_sizes": kernels, "spatial_dims": len(strides[0])}
+        if n < SEGMAMBA_LEVELS:
+            widths = (48, 96, 192, 384)[:n]
+            kwargs.update(widths=widths, depths=(2,) * n, hidden=2 * widths[-1])
+        kwargs.update(overrides)
+        return cls(num_input_channels, num_output_channels, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, shape = pad_to_multiple(x, self.encoder.divisor)

@@ -36,7 +36,7 @@ from dynamic_network_architectures.building_blocks.unet_residual_decoder import 
 from dynamic_network_architectures.initialization.weight_init import (InitWeights_He,
                                                                       init_last_bn_before_add_to_0)
 
-from ..ssm import AXIS_PERMUTATIONS
+from ..ssm import AXIS_PERMUTATIONS, FORWARD, INTER_SLICE
 from .mamba_layers import (BidirectionalMambaBlock, FeatureMapMamba, MambaAfterStagesMixin,
                            PreNormMambaBlock, stage_flags, unet_kwargs_from_plans)
 
@@ -68,7 +68,9 @@ class TamingMambaUNet(nn.Module):
     ``mamba_stages`` (None = every stage, or one bool per stage), ``d_conv`` and ``expand``.
     Subclasses choose the layer (:meth:`mamba_layer`) and where it sits.
 
-    Input (B, input_channels, D, H, W), sizes divisible by the product of the strides.
+    Input (B, input_channels, D, H, W), sizes divisible by the product of the strides; with
+    2D plans (conv_op Conv2d, nnU-Net's ``2d`` configuration) (B, input_channels, H, W) and the
+    Mamba layers run over the H x W tokens.
     Output: logits (B, num_classes, D, H, W); with ``deep_supervision`` a list of
     ``n_stages - 1`` logit maps, highest resolution first, at the resolutions nnU-Net's
     deep-supervision loss expects (``decoder.deep_supervision`` is nnU-Net's switch).
@@ -85,9 +87,10 @@ class TamingMambaUNet(nn.Module):
                  nonlin_kwargs: Optional[dict] = None, deep_supervision: bool = False,
                  mamba_stages=None, d_conv: int = 4, expand: int = 2):
         super().__init__()
-        if conv_op is not nn.Conv3d:
-            raise ValueError(f"{type(self).__name__} is a 3D network (conv_op Conv3d), got {conv_op}")
+        if conv_op not in (nn.Conv2d, nn.Conv3d):
+            raise ValueError(f"{type(self).__name__} needs conv_op Conv2d or Conv3d, got {conv_op}")
         self.d_conv, self.expand = d_conv, expand
+        self.spatial_dims = 3 if conv_op is nn.Conv3d else 2
         flags = stage_flags(n_stages, mamba_stages)
         norm_op_kwargs = {"eps": 1e-5, "affine": True} if norm_op_kwargs is None else norm_op_kwargs
         nonlin_kwargs = {"inplace": True} if nonlin_kwargs is None else nonlin_kwargs
@@ -110,8 +113,8 @@ class TamingMambaUNet(nn.Module):
     @classmethod
     def from_plans(cls, configuration_manager, num_input_channels: int, num_output_channels: int,
                    deep_supervision: bool = True, **overrides) -> "TamingMambaUNet":
-        """The network for a 3D nnU-Net plans configuration (stages, widths, kernels, strides,
-        block counts, norm and nonlinearity from ``network_arch_init_kwargs``)."""
+        """The network for an nnU-Net plans configuration, 2D or 3D (stages, widths, kernels,
+        strides, block counts, conv, norm and nonlinearity from ``network_arch_init_kwargs``)."""
         kwargs = {**unet_kwargs_from_plans(configuration_manager), **overrides}
         return cls(num_input_channels, num_classes=num_output_channels,
                    deep_supervision=deep_supervision, **kwargs)
@@ -145,14 +148,18 @@ class MultiSegMamba(TamingMambaUNet):
     """MultiSegMamba: after every encoder stage, four bidirectional Mamba layers, one on each of
     four of the six axis permutations (the public code's: DHW, DWH, HDW, WDH), their outputs
     averaged (Lumetti et al. 2024, Fig. 3). No LayerNorm before the layers and Mamba
-    ``d_state = min(C, 64)``, as the public code."""
+    ``d_state = min(C, 64)``, as the public code. On 2D plans the two axis permutations of an
+    image (row- and column-major, :data:`~nnunet_mamba.ssm.FORWARD` and
+    :data:`~nnunet_mamba.ssm.INTER_SLICE` read in 2D) with a bidirectional layer each."""
 
     permutations = tuple(AXIS_PERMUTATIONS[i] for i in (0, 1, 2, 4))
+    permutations_2d = (FORWARD, INTER_SLICE)
 
     def mamba_layer(self, channels: int) -> nn.Module:
+        orders = self.permutations if self.spatial_dims == 3 else self.permutations_2d
         mixers = [BidirectionalMambaBlock(channels, min(channels, 64), self.d_conv, self.expand)
-                  for _ in self.permutations]
-        return FeatureMapMamba(channels, mixers, self.permutations, input_norm=False)
+                  for _ in orders]
+        return FeatureMapMamba(channels, mixers, orders, input_norm=False)
 
 
 class SegMambaSkip(BiSegMamba):

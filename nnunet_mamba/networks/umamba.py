@@ -170,7 +170,9 @@ class UMamba(nn.Module):
     Arguments as dynamic_network_architectures' U-Nets (``n_blocks_per_stage`` encoder blocks
     per stage, before U-Mamba's reduction to one block in the deeper half), plus ``patch_size``
     (the plans' patch; used by U-Mamba Enc's channel-token layers). Input (B, input_channels,
-    D, H, W), sizes divisible by the product of the strides. Output: logits (B, num_classes,
+    D, H, W), sizes divisible by the product of the strides; with 2D plans (conv_op Conv2d: the
+    public code's ``UMambaBot_2d`` / ``UMambaEnc_2d``) (B, input_channels, H, W), Mamba over the
+    H x W tokens. Output: logits (B, num_classes,
     D, H, W), or with ``deep_supervision`` a list of ``n_stages - 1`` maps, finest first.
     Subclasses fix where the Mamba layers sit (``mamba_stages``).
     """
@@ -187,8 +189,8 @@ class UMamba(nn.Module):
                  nonlin_kwargs: Optional[dict] = None, deep_supervision: bool = False,
                  patch_size: Optional[Sequence[int]] = None):
         super().__init__()
-        if conv_op is not nn.Conv3d:
-            raise ValueError(f"{type(self).__name__} is a 3D network (conv_op Conv3d), got {conv_op}")
+        if conv_op not in (nn.Conv2d, nn.Conv3d):
+            raise ValueError(f"{type(self).__name__} needs conv_op Conv2d or Conv3d, got {conv_op}")
         if dropout_op is not None:
             raise ValueError("U-Mamba has no dropout; use plans without dropout_op")
         if self.channel_tokens and patch_size is None:
@@ -215,7 +217,8 @@ class UMamba(nn.Module):
     @classmethod
     def from_plans(cls, configuration_manager, num_input_channels: int, num_output_channels: int,
                    deep_supervision: bool = True, **overrides) -> "UMamba":
-        """The network for a 3D nnU-Net plans configuration (architecture kwargs and patch size)."""
+        """The network for an nnU-Net plans configuration, 2D or 3D (architecture kwargs and
+        patch size)."""
         kwargs = {**unet_kwargs_from_plans(configuration_manager),
                   "patch_size": list(configuration_manager.patch_size), **overrides}
         return cls(num_input_channels, num_classes=num_output_channels,

@@ -1,4 +1,4 @@
-"""The one place where a 3D feature map becomes token sequences and back.
+"""The one place where a feature map (3D, or 2D) becomes token sequences and back.
 
 A :class:`ScanOrder` says how the voxels of a (B, C, D, H, W) map are read into a
 (B, L, C) sequence, L = D*H*W:
@@ -15,11 +15,19 @@ SegMamba's inter-slice scan (Xing et al. 2024, Sec. 2.2) reads voxel k of every 
 slice in turn, i.e. depth varies fastest: ``axes=(1, 2, 0)``. Because the order is
 defined on the axes, not on a hard-coded size, it works for every feature-map shape.
 
+2D feature maps (B, C, H, W) (nnU-Net's ``2d`` configuration) are read with the same
+orders, as the volume (B, C, H, 1, W): the first axis keeps the slowest place of depth, the
+last the fastest place of width. So ``FORWARD`` is the row-major raster order of the image,
+``INTER_SLICE`` its column-major order (the first axis varies fastest, as depth does in 3D)
+and the axis permutations become row- or column-major. Every function and method below
+takes 4D or 5D tensors and 2- or 3-element spatial shapes.
+
 Every order is a bijection: ``from_sequence(to_sequence(x)) == x``.
 """
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -39,9 +47,12 @@ class ScanOrder:
             raise ValueError(f"axes must be a permutation of (0, 1, 2), got {self.axes}")
 
     def to_sequence(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, D, H, W) -> (B, L, C)."""
-        if x.dim() != 5:
-            raise ValueError(f"expected a (B, C, D, H, W) feature map, got shape {tuple(x.shape)}")
+        """(B, C, D, H, W) or (B, C, H, W) -> (B, L, C)."""
+        if x.dim() == 4:
+            x = x.unsqueeze(3)  # (B, C, H, 1, W): see the module doc
+        elif x.dim() != 5:
+            raise ValueError(f"expected a (B, C, D, H, W) or (B, C, H, W) feature map, got shape "
+                             f"{tuple(x.shape)}")
         seq = x.permute(0, *(a + 2 for a in self.axes), 1).flatten(1, 3)
         if self.reverse:
             seq = seq.flip(1)
@@ -50,7 +61,10 @@ class ScanOrder:
         return seq
 
     def from_sequence(self, seq: torch.Tensor, spatial_shape: Sequence[int]) -> torch.Tensor:
-        """(B, L, C) -> (B, C, D, H, W); ``spatial_shape`` is (D, H, W) of the original map."""
+        """(B, L, C) -> (B, C, D, H, W), or (B, C, H, W) when ``spatial_shape`` is (H, W):
+        the spatial shape of the original map."""
+        if len(spatial_shape) == 2:
+            return self.from_sequence(seq, volume_shape(spatial_shape)).squeeze(3)
         D, H, W = spatial_shape
         if seq.dim() != 3 or seq.shape[1] != D * H * W:
             raise ValueError(f"expected (B, {D * H * W}, C), got shape {tuple(seq.shape)}")
@@ -64,10 +78,22 @@ class ScanOrder:
         return vol.permute(0, 4, *inverse).contiguous()
 
     def permutation(self, spatial_shape: Sequence[int], device=None) -> torch.Tensor:
-        """Index tensor p of length L with ``to_sequence(x)[:, i] == raster(x)[:, p[i]]``."""
-        idx = torch.arange(int(torch.tensor(spatial_shape).prod()), device=device)
-        grid = idx.reshape(1, 1, *spatial_shape)
+        """Index tensor p of length L with ``to_sequence(x)[:, i] == raster(x)[:, p[i]]``
+        for a map of ``spatial_shape`` ((D, H, W) or (H, W))."""
+        shape = volume_shape(spatial_shape)
+        idx = torch.arange(math.prod(shape), device=device)
+        grid = idx.reshape(1, 1, *shape)
         return ScanOrder(self.axes, self.reverse).to_sequence(grid)[0, :, 0]
+
+
+def volume_shape(spatial_shape: Sequence[int]) -> tuple[int, int, int]:
+    """The (D, H, W) volume a map of ``spatial_shape`` is read as: (H, W) -> (H, 1, W)."""
+    shape = tuple(int(s) for s in spatial_shape)
+    if len(shape) == 2:
+        return (shape[0], 1, shape[1])
+    if len(shape) != 3:
+        raise ValueError(f"expected a 2D or 3D spatial shape, got {shape}")
+    return shape
 
 
 FORWARD = ScanOrder()
@@ -96,13 +122,14 @@ NAMED_ORDERS = {
 
 
 def to_sequence(x: torch.Tensor, order: ScanOrder | str = FORWARD) -> torch.Tensor:
-    """(B, C, D, H, W) -> (B, L, C) in the given order (a :class:`ScanOrder` or a name)."""
+    """(B, C, D, H, W) or (B, C, H, W) -> (B, L, C) in the given order (a :class:`ScanOrder`
+    or a name)."""
     return get_order(order).to_sequence(x)
 
 
 def from_sequence(seq: torch.Tensor, spatial_shape: Sequence[int],
                   order: ScanOrder | str = FORWARD) -> torch.Tensor:
-    """(B, L, C) -> (B, C, D, H, W), undoing :func:`to_sequence` with the same order."""
+    """(B, L, C) -> (B, C, *spatial_shape), undoing :func:`to_sequence` with the same order."""
     return get_order(order).from_sequence(seq, spatial_shape)
 
 

@@ -12,8 +12,15 @@ checkpoints, ``--c``, prediction, ensembling) is nnU-Net's. The network is built
 :meth:`build_network_architecture` (nnU-Net >= 2.7 signature; a classmethod so that the
 predictor, which calls it on the class, builds the same network). Networks that do not
 follow nnU-Net's pooling for deep supervision declare their output scales with an
-attribute ``ds_scales`` (relative resolutions, finest first); networks without deep
-supervision set ``supports_deep_supervision = False`` on the trainer.
+attribute ``ds_scales`` (relative resolutions, finest first: one number, or one per axis for
+anisotropic pooling); networks without deep supervision set ``supports_deep_supervision =
+False`` on the trainer.
+
+Configurations: every trainer builds its network from the configuration's plans (``2d``,
+``3d_fullres``, ``3d_lowres``, ``3d_cascade_fullres``). A network that cannot serve a
+configuration raises ``PlansConfigurationError`` while it is built; :meth:`initialize` (the
+first thing ``nnUNetv2_train`` does, before any data is loaded) turns it into an error naming
+the trainer, the configuration and the alternatives.
 """
 from __future__ import annotations
 
@@ -115,6 +122,18 @@ class MambaTrainerBase(GPUAugmentationMixin, nnUNetTrainer):
                                  num_output_channels,
                                  enable_deep_supervision and cls.supports_deep_supervision)
 
+    def initialize(self):
+        from nnunet_mamba.networks.blocks import PlansConfigurationError
+        try:
+            super().initialize()
+        except PlansConfigurationError as e:
+            raise PlansConfigurationError(
+                f"{type(self).__name__} cannot train configuration {self.configuration_name!r} of "
+                f"plans {self.plans_manager.plans_name!r} (dataset {self.plans_manager.dataset_name}): "
+                f"{e}. Alternatives: another configuration of these plans (nnUNetv2_train ... "
+                f"<configuration> -tr {type(self).__name__}), or a trainer that builds any plans' "
+                "U-Net, e.g. UMambaBotTrainer or nnU-Net's nnUNetTrainer") from None
+
     def _get_deep_supervision_scales(self):
         if not self.enable_deep_supervision:
             return None
@@ -122,7 +141,8 @@ class MambaTrainerBase(GPUAugmentationMixin, nnUNetTrainer):
         if scales is None:
             return super()._get_deep_supervision_scales()
         dim = len(self.configuration_manager.patch_size)
-        return [[float(s)] * dim for s in scales]
+        return [[float(v) for v in s] if isinstance(s, (list, tuple)) else [float(s)] * dim
+                for s in scales]
 
     def set_deep_supervision_enabled(self, enabled: bool):
         if not self.supports_deep_supervision:
