@@ -88,7 +88,9 @@ def _add_reproduce_arguments(sub) -> None:
                     "plot (PNG) and reproduce.json with the protocol. See docs/brats2023.md.")
     p.add_argument("src", metavar="SRC", help="folder holding the BraTS-GLI-XXXXX-XXX case folders")
     p.add_argument("--trainers", nargs="+", required=True, metavar="TRAINER",
-                   help="nnU-Net trainer classes, e.g. nnMambaTrainer UNETRTrainer nnUNetTrainer")
+                   help="table rows: nnU-Net trainer classes (e.g. nnMambaTrainer SegMambaV2Trainer nnUNetTrainer), "
+                        "TRAINER:PLANS for a trainer on its own plans, or nnUNetTrainer_ResEncM / _ResEncL / _ResEncXL "
+                        "(nnUNetTrainer on nnU-Net's residual-encoder preset plans, planned by nnU-Net's planners)")
     p.add_argument("-d", "--dataset-id", type=int, default=501, metavar="ID", help="nnU-Net dataset ID (default 501)")
     p.add_argument("--name", default="BraTS2023GLI", help="dataset name (default BraTS2023GLI)")
     p.add_argument("--folds", type=int, nargs="+", default=[PAPER_FOLD], metavar="F",
@@ -108,7 +110,8 @@ def _add_reproduce_arguments(sub) -> None:
                    help="trainings (and predictions) run at once, one per GPU (default: all visible GPUs)")
     p.add_argument("--plans", default="nnUNetPlans", metavar="ID", help="plans identifier (default nnUNetPlans)")
     p.add_argument("--preset", default=None, metavar="NAME|FILE",
-                   help="plans preset applied on top of --plans (e.g. paper: patch 128^3, batch 2; or a preset "
+                   help="plans preset applied on top of --plans, for the rows without their own plans (e.g. paper: "
+                        "patch 128^3, batch 2; or a preset "
                         ".json file)")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"split seed (default {DEFAULT_SEED})")
     mode = p.add_mutually_exclusive_group()

@@ -10,7 +10,11 @@ The protocol of the paper's Sec. 3.2 with stock nnU-Net v2, resumable at every s
 2. **Plan and preprocess** ``3d_fullres`` (``nnUNetv2_plan_and_preprocess``); skipped when the
    plans and the preprocessed data of every training case exist. Optionally a plans preset
    (``--preset paper``: patch 128^3, batch 2; or a preset JSON file) is applied on top with
-   :func:`nnunet_mamba.plans_presets.apply_preset`.
+   :func:`nnunet_mamba.plans_presets.apply_preset`. Rows on their own plans (``TRAINER:PLANS``,
+   or nnU-Net's residual-encoder baselines ``nnUNetTrainer_ResEncM`` / ``_ResEncL``, see
+   :mod:`.baselines`) get those plans from nnU-Net's own planner (``nnUNetv2_plan_experiment
+   -pl nnUNetPlannerResEncM`` once the fingerprint exists; the 3d_fullres data are shared) and
+   train on them as planned, on the same split.
 3. **Train** the chosen folds of every trainer with ``nnUNetv2_train``: a fold with
    ``checkpoint_final.pth`` is skipped, one with ``checkpoint_latest.pth`` (or ``_best``) is
    continued with ``--c``. With several GPUs, one fold per GPU runs at a time
@@ -47,18 +51,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
+from .baselines import PLANNERS, TrainerSpec, parse_trainer_spec, parse_trainer_specs
 from .convert import DEFAULT_SEED, N_FOLDS, PAPER_FOLD, PAPER_FRACTIONS, _check_dataset_id_free, split_cases
 from .layout import CHANNEL_ORDER, FILE_ENDING, REGIONS, REGIONS_CLASS_ORDER
 
 CONFIGURATION = "3d_fullres"
 
-#: nnU-Net planner (``-pl``) that writes each plans identifier; reproduce plans these itself.
-PLANNERS = {
-    "nnUNetPlans": "ExperimentPlanner",
-    "nnUNetResEncUNetMPlans": "nnUNetPlannerResEncM",
-    "nnUNetResEncUNetLPlans": "nnUNetPlannerResEncL",
-    "nnUNetResEncUNetXLPlans": "nnUNetPlannerResEncXL",
-}
 
 #: The numbers reported in the paper's Table 1 (Gong et al. 2024, BraTS 2023 GLI test split):
 #: method -> (Dice WT, TC, ET, Average in %), (HD95 WT, TC, ET, Average in mm). Printed next to
@@ -108,6 +106,7 @@ def validate_options(opts: ReproduceOptions) -> None:
         raise UserError("no trainer given: pass --trainers, e.g. --trainers nnMambaTrainer nnUNetTrainer")
     if len(set(opts.trainers)) != len(opts.trainers):
         raise UserError(f"--trainers lists a trainer twice: {' '.join(opts.trainers)}")
+    parse_trainer_specs(opts.trainers, run_plans_name(opts), opts.preset)
     if not opts.folds:
         raise UserError("no fold given: pass --folds 5 (the paper's split) or --folds 0 1 2 3 4")
     bad = [f for f in opts.folds if not 0 <= f <= PAPER_FOLD]
@@ -318,6 +317,7 @@ class Job:
     fold: int | None = None
     resume: bool = False                   # a training continued with --c
     prediction: "PredictionSet | None" = None
+    plans: str | None = None               # the plans identifier a training uses
     seconds: float | None = None
     slot: str | None = None
     error: str | None = None
@@ -510,41 +510,64 @@ def preprocessed_missing(folders: NnUNetFolders, dataset_name: str, plans_id: st
     return missing
 
 
-def plan_and_preprocess(opts, folders, dataset: DatasetState | None, runner: JobRunner, log: StepLog, logs: Path):
-    """Run nnU-Net's planning / preprocessing of 3d_fullres unless its output is complete."""
+def plan_and_preprocess(opts, folders, dataset: DatasetState | None, runner: JobRunner, log: StepLog, logs: Path,
+                        plans: str | None = None, fingerprint_ready: bool | None = None):
+    """Run nnU-Net's planning / preprocessing of 3d_fullres for ``plans`` (default ``--plans``)
+    unless its output is complete.
+
+    Plans of :data:`~.baselines.PLANNERS` that do not exist yet are planned by nnU-Net's own
+    planner: ``nnUNetv2_plan_and_preprocess -pl <planner>`` on a new dataset, or, once the
+    dataset fingerprint exists (``fingerprint_ready``; default: its file exists),
+    ``nnUNetv2_plan_experiment -pl <planner>`` followed by ``nnUNetv2_preprocess`` only if the
+    plans' data are missing (nnU-Net's residual-encoder plans reuse ``nnUNetPlans_3d_fullres``).
+    """
+    plans = plans or opts.plans
+    step = "plan_and_preprocess" if plans == opts.plans else f"plan_and_preprocess {plans}"
+    log_file = logs / f"{step.replace(' ', '_')}.log"
     name = dataset.name if dataset else f"Dataset{opts.dataset_id:03d}_{opts.name}"
     cases = dataset.train_cases if dataset else []
-    missing = preprocessed_missing(folders, name, opts.plans, cases) if dataset else ["(dataset not converted)"]
-    plans_file = folders.preprocessed / name / f"{opts.plans}.json"
+    missing = preprocessed_missing(folders, name, plans, cases) if dataset else ["(dataset not converted)"]
+    plans_file = folders.preprocessed / name / f"{plans}.json"
+    if fingerprint_ready is None:
+        fingerprint_ready = (folders.preprocessed / name / "dataset_fingerprint.json").is_file()
+    preprocess = ["nnUNetv2_preprocess", "-d", str(opts.dataset_id), "-plans_name", plans,
+                  "-c", CONFIGURATION, "-np", str(opts.jobs)]
     if not missing:
-        log.add("plan_and_preprocess", "skipped", f"{plans_file} and the preprocessed data of all "
-                f"{len(cases)} training cases exist")
+        log.add(step, "skipped", f"{plans_file} and the preprocessed data of all {len(cases)} training cases exist")
     else:
         if plans_file.is_file():
-            argv = ["nnUNetv2_preprocess", "-d", str(opts.dataset_id), "-plans_name", opts.plans,
-                    "-c", CONFIGURATION, "-np", str(opts.jobs)]
-        elif opts.plans in PLANNERS:
+            argv = preprocess
+        elif plans in PLANNERS and fingerprint_ready:
+            argv = ["nnUNetv2_plan_experiment", "-d", str(opts.dataset_id), "-pl", PLANNERS[plans]]
+        elif plans in PLANNERS:
             argv = ["nnUNetv2_plan_and_preprocess", "-d", str(opts.dataset_id), "-c", CONFIGURATION,
-                    "-pl", PLANNERS[opts.plans], "-np", str(opts.jobs), "-npfp", str(opts.jobs)]
+                    "-pl", PLANNERS[plans], "-np", str(opts.jobs), "-npfp", str(opts.jobs)]
         else:
-            raise UserError(f"plans {opts.plans!r} do not exist ({plans_file}) and reproduce plans only "
+            raise UserError(f"plans {plans!r} do not exist ({plans_file}) and reproduce plans only "
                             f"{', '.join(PLANNERS)}: plan them yourself (nnUNetv2_plan_and_preprocess -d "
-                            f"{opts.dataset_id} -c {CONFIGURATION} -pl <planner> -overwrite_plans_name {opts.plans}) "
+                            f"{opts.dataset_id} -c {CONFIGURATION} -pl <planner> -overwrite_plans_name {plans}) "
                             "and rerun")
-        job = Job("plan_and_preprocess", argv, logs / "plan_and_preprocess.log")
+        job = Job(step, argv, log_file)
         if opts.dry_run:
-            log.add("plan_and_preprocess", "planned", f"{len(missing)} item(s) missing, e.g. {missing[0]}",
-                    command=job.shell())
+            then = f"; then {' '.join(preprocess)} if its data are missing" if argv[0] == "nnUNetv2_plan_experiment" else ""
+            log.add(step, "planned", f"{len(missing)} item(s) missing, e.g. {missing[0]}{then}", command=job.shell())
         else:
             env = dict(runner.env)
             if env.get("nnUNet_n_proc_DA", "").strip() == "0":  # nnU-Net's planner does set_num_threads(n_proc_DA)
                 env["nnUNet_n_proc_DA"] = "1"
             JobRunner(env, [None]).run([job])
-            still = preprocessed_missing(folders, name, opts.plans, cases)
+            commands, seconds = [job.shell()], job.seconds
+            still = preprocessed_missing(folders, name, plans, cases)
+            if still and argv[0] == "nnUNetv2_plan_experiment" and plans_file.is_file():
+                job = Job(step, preprocess, log_file)
+                JobRunner(env, [None]).run([job])
+                commands.append(job.shell())
+                seconds += job.seconds
+                still = preprocessed_missing(folders, name, plans, cases)
             if still:
                 raise UserError(f"{job.argv[0]} finished but {len(still)} item(s) are missing, e.g. {still[0]}; "
                                 f"see {job.log}")
-            log.add("plan_and_preprocess", "ran", job.shell(), job.seconds)
+            log.add(step, "ran", "; ".join(commands), seconds)
     if dataset is not None:
         ensure_splits(folders, dataset, opts.dry_run)
 
@@ -587,6 +610,13 @@ def resolve_preset(value: str) -> tuple[str, dict]:
                             f"(see nnunet_mamba_plans/paper.json)")
         return str(path.resolve()), preset
     raise UserError(f"unknown --preset {value!r}: use one of {', '.join(sorted(presets))} or a preset .json file")
+
+
+def run_plans_name(opts) -> str:
+    """The plans identifier of the entries without their own plans: ``--plans`` or its preset's."""
+    if opts.preset is None:
+        return opts.plans
+    return f"{opts.plans}_{resolve_preset(opts.preset)[1]['plans_suffix']}"
 
 
 def training_plans(opts, folders, dataset_name: str, log: StepLog, dry_run: bool) -> str:
@@ -637,22 +667,27 @@ def trainer_folder(folders: NnUNetFolders, dataset_name: str, trainer: str, plan
 
 
 def training_jobs(opts, folders, dataset_name: str, plans_id: str, logs: Path, log: StepLog) -> list:
-    """``nnUNetv2_train`` jobs for the folds not finished yet (with ``--c`` where a checkpoint exists)."""
+    """``nnUNetv2_train`` jobs for the folds not finished yet (with ``--c`` where a checkpoint exists).
+
+    ``plans_id`` is the run's plans (``--plans`` after the preset); entries that name their own
+    plans (:mod:`.baselines`) train on those.
+    """
     jobs = []
-    for trainer in opts.trainers:
+    for spec in map(parse_trainer_spec, opts.trainers):
+        plans = spec.plans_id(plans_id)
         for fold in opts.folds:
-            out = trainer_folder(folders, dataset_name, trainer, plans_id) / f"fold_{fold}"
-            name = f"train {trainer} fold {fold}"
+            out = trainer_folder(folders, dataset_name, spec.trainer, plans) / f"fold_{fold}"
+            name = f"train {spec.given} fold {fold}"
             if (out / "checkpoint_final.pth").is_file():
                 log.add(name, "skipped", f"{out / 'checkpoint_final.pth'} exists")
                 continue
-            argv = ["nnUNetv2_train", str(opts.dataset_id), CONFIGURATION, str(fold), "-tr", trainer,
-                    "-p", plans_id, "-device", opts.device]
+            argv = ["nnUNetv2_train", str(opts.dataset_id), CONFIGURATION, str(fold), "-tr", spec.trainer,
+                    "-p", plans, "-device", opts.device]
             resume = any((out / c).is_file() for c in ("checkpoint_latest.pth", "checkpoint_best.pth"))
             if resume:
                 argv.append("--c")
-            jobs.append(Job(name, argv, logs / f"train_{trainer}_fold{fold}.log", trainer=trainer, fold=fold,
-                            resume=resume))
+            jobs.append(Job(name, argv, logs / f"train_{spec.key}_fold{fold}.log", trainer=spec.trainer, fold=fold,
+                            resume=resume, plans=plans))
     return jobs
 
 
@@ -671,6 +706,7 @@ class PredictionSet:
     model_folder: Path
     output: Path
     test_cases: list
+    name: str | None = None   # the row's key (job and log names); default: the trainer
 
     STAMP = "reproduce_prediction.json"
 
@@ -702,7 +738,7 @@ class PredictionSet:
 def prediction_jobs(opts, sets: list, images_ts: Path, logs: Path, log: StepLog) -> list:
     jobs = []
     for ps in sets:
-        name = f"predict {ps.trainer} folds {' '.join(map(str, ps.folds))}"
+        name = f"predict {ps.name or ps.trainer} folds {' '.join(map(str, ps.folds))}"
         if ps.is_complete():
             log.add(name, "skipped", f"{len(ps.test_cases)} predictions in {ps.output} are complete and made from "
                     "the current checkpoints")
@@ -712,7 +748,8 @@ def prediction_jobs(opts, sets: list, images_ts: Path, logs: Path, log: StepLog)
                 "-device", opts.device]
         if opts.device == "cpu":
             argv += ["-npp", "1", "-nps", "1"]
-        jobs.append(Job(name, argv, logs / f"predict_{ps.trainer}.log", trainer=ps.trainer, prediction=ps))
+        jobs.append(Job(name, argv, logs / f"predict_{ps.name or ps.trainer}.log", trainer=ps.trainer, prediction=ps,
+                        plans=ps.plans_id))
     return jobs
 
 
@@ -835,7 +872,7 @@ def command_line(opts: ReproduceOptions) -> str:
 
 
 def protocol_record(opts: ReproduceOptions, dataset: DatasetState, plans_id: str, conf: dict, classes: dict,
-                    slots, env: dict) -> dict:
+                    slots, env: dict, specs=(), plans_by_id=None) -> dict:
     """The protocol as run: data, split, folds, plans, trainers, inference, metrics (for reproduce.json)."""
     from .lesionwise import RULES as LESIONWISE_RULES
     from .metrics import get_convention, hd95_library
@@ -857,7 +894,11 @@ def protocol_record(opts: ReproduceOptions, dataset: DatasetState, plans_id: str
         "configuration": CONFIGURATION,
         "plans": {"source": opts.plans, "preset": opts.preset, "identifier": plans_id,
                   "patch_size": conf["patch_size"], "batch_size": conf["batch_size"], "spacing": conf["spacing"]},
-        "trainers": {n: f"{c.__module__}.{c.__name__}" for n, c in classes.items()},
+        "trainers": ({s.given: {"class": f"{classes[s.trainer].__module__}.{s.trainer}", "plans": s.plans_id(plans_id),
+                                "row": s.label} for s in specs} if specs else
+                     {n: f"{c.__module__}.{c.__name__}" for n, c in classes.items()}),
+        "plans_per_row": {p: {k: c[k] for k in ("patch_size", "batch_size", "spacing")}
+                          for p, c in (plans_by_id or {}).items()},
         "device": opts.device, "parallel_gpus": list(slots) if opts.device == "cuda" else [],
         "inference": ("nnUNetv2_predict -f <folds>: sliding window (step 0.5, Gaussian weighting), mirroring "
                       "test-time augmentation, logits averaged over the folds, sigmoid > 0.5 per region, painted "
@@ -894,23 +935,36 @@ def reproduce(opts: ReproduceOptions) -> dict | None:
 
     # 0. trainers first: an unknown name must fail before hours of work
     t0 = time.time()
-    classes = find_trainer_classes(opts.trainers)
-    log.add("check trainers", "ran", ", ".join(f"{n} ({c.__module__})" for n, c in classes.items()),
-            time.time() - t0)
+    specs = parse_trainer_specs(opts.trainers, run_plans_name(opts), opts.preset)
+    classes = find_trainer_classes(list(dict.fromkeys(s.trainer for s in specs)))
+    log.add("check trainers", "ran", ", ".join(f"{n} ({c.__module__})" for n, c in classes.items())
+            + "".join(f"; {s.given} = {s.trainer} on plans {s.plans}" for s in specs if s.plans), time.time() - t0)
 
-    # 1. dataset, 2. plans and preprocessed data
+    # 1. dataset, 2. plans and preprocessed data (the run's plans first, then the rows' own plans)
     dataset = prepare_dataset(opts, folders, log)
     runner = JobRunner(env, slots)
-    plan_and_preprocess(opts, folders, dataset, runner, log, logs)
-    plans_id = training_plans(opts, folders, dataset_name, log, opts.dry_run)
-    plans_file = folders.preprocessed / dataset_name / f"{plans_id}.json"
-    plans = json.loads(plans_file.read_text()) if plans_file.is_file() else None
-    if plans is not None:
+    uses_run_plans = any(s.plans is None for s in specs)
+    fingerprint_ready = None  # look for the fingerprint file
+    for source in dict.fromkeys([opts.plans] * uses_run_plans + [s.plans for s in specs if s.plans]):
+        plan_and_preprocess(opts, folders, dataset, runner, log, logs, plans=source,
+                            fingerprint_ready=fingerprint_ready)
+        fingerprint_ready = True if opts.dry_run else None  # a dry run assumes the earlier step ran
+    plans_id = training_plans(opts, folders, dataset_name, log, opts.dry_run) if uses_run_plans else opts.plans
+    plans_of = {s.given: s.plans_id(plans_id) for s in specs}
+    plans_by_id = {}
+    for pid in dict.fromkeys(plans_of.values()):
+        plans_file = folders.preprocessed / dataset_name / f"{pid}.json"
+        if plans_file.is_file():
+            plans_by_id[pid] = json.loads(plans_file.read_text())
+    if plans_by_id:
         dataset_json = json.loads((folders.preprocessed / dataset_name / "dataset.json").read_text())
-        check_networks(classes, plans, dataset_json)
-        conf = plans["configurations"][CONFIGURATION]
-        log.add("check networks", "ran", f"every network builds for {plans_id} (patch {conf['patch_size']}, "
-                f"batch {conf['batch_size']})")
+        built = []
+        for pid, plans in plans_by_id.items():
+            users = {s.trainer: classes[s.trainer] for s in specs if plans_of[s.given] == pid}
+            check_networks(users, plans, dataset_json)
+            conf = plans["configurations"][CONFIGURATION]
+            built.append(f"{', '.join(users)} on {pid} (patch {conf['patch_size']}, batch {conf['batch_size']})")
+        log.add("check networks", "ran", "every network builds for its plans: " + "; ".join(built))
 
     # 3. training
     train = training_jobs(opts, folders, dataset_name, plans_id, logs, log)
@@ -921,7 +975,7 @@ def reproduce(opts: ReproduceOptions) -> dict | None:
         print(f"training {len(train)} fold(s), {len(slots)} at a time", flush=True)
         runner.run(train)
         for job in train:
-            final = trainer_folder(folders, dataset_name, job.trainer, plans_id) / f"fold_{job.fold}"
+            final = trainer_folder(folders, dataset_name, job.trainer, job.plans) / f"fold_{job.fold}"
             if not (final / "checkpoint_final.pth").is_file():
                 raise UserError(f"{job.name} finished without {final / 'checkpoint_final.pth'}; see {job.log}")
             log.add(job.name, "ran", ("continued with --c; " if job.resume else "") + f"log {job.log}", job.seconds)
@@ -930,8 +984,9 @@ def reproduce(opts: ReproduceOptions) -> dict | None:
     images_ts = folders.raw / dataset_name / "imagesTs"
     labels_ts = folders.raw / dataset_name / "labelsTs"
     test_cases = dataset.test_cases if dataset else []
-    sets = [PredictionSet(t, plans_id, tuple(opts.folds), trainer_folder(folders, dataset_name, t, plans_id),
-                          out / "predictions" / _method_key(t, opts.folds), test_cases) for t in opts.trainers]
+    sets = [PredictionSet(s.trainer, plans_of[s.given], tuple(opts.folds),
+                          trainer_folder(folders, dataset_name, s.trainer, plans_of[s.given]),
+                          out / "predictions" / _method_key(s.key, opts.folds), test_cases, name=s.key) for s in specs]
     predict = prediction_jobs(opts, sets, images_ts, logs, log)
     if opts.dry_run:
         for job in predict:
@@ -952,23 +1007,27 @@ def reproduce(opts: ReproduceOptions) -> dict | None:
 
     summaries = {}
     t0 = time.time()
-    for ps in sets:
+    for spec, ps in zip(specs, sets):  # one table row per --trainers entry, named by its label
         summary = evaluate_folder(ps.output, labels_ts, opts.convention, n_jobs=opts.jobs, metrics=opts.metrics)
-        write_results(summary, out / "metrics" / _method_key(ps.trainer, opts.folds))
-        summaries[ps.trainer] = {k: v for k, v in summary.items() if k != "rows"}
+        write_results(summary, out / "metrics" / _method_key(spec.key, opts.folds))
+        summaries[spec.label] = {k: v for k, v in summary.items() if k != "rows"}
     log.add("evaluate", "ran", f"{len(test_cases)} test case(s) x {len(sets)} trainer(s), convention "
             f"{opts.convention}", time.time() - t0)
 
     rows = [Table1Row.from_summary(t, s) for t, s in summaries.items() if "regions" in s]  # whole volume
     lesion_rows = [Table1Row.from_summary(t, s["lesionwise"]) for t, s in summaries.items() if "lesionwise" in s]
-    conf = plans["configurations"][CONFIGURATION]
+    confs = {pid: p["configurations"][CONFIGURATION] for pid, p in plans_by_id.items()}
+    conf = confs[plans_of[specs[0].given]] if not uses_run_plans else confs[plans_id]
+    plans_text = "; ".join(
+        f"plans {pid} ({CONFIGURATION}, patch {c['patch_size']}, batch {c['batch_size']})"
+        + (f" for {', '.join(s.label for s in specs if plans_of[s.given] == pid)}" if len(confs) > 1 else "")
+        for pid, c in confs.items())
     record = dataset.record
     folds_text = (f"fold {PAPER_FOLD} (the paper's split: {len(record['train'])} train -> {len(record['val'])} val)"
                   if opts.folds == (PAPER_FOLD,) else
                   f"ensemble of cross-validation fold(s) {', '.join(map(str, opts.folds))}")
     caption = (f"BraTS 2023 GLI, held-out test split ({len(test_cases)} cases, seed {record['seed']}); "
-               f"{folds_text}; plans {plans_id} ({CONFIGURATION}, patch {conf['patch_size']}, batch "
-               f"{conf['batch_size']}); Dice in %, HD95 in mm, mean over test cases; empty masks: "
+               f"{folds_text}; {plans_text}; Dice in %, HD95 in mm, mean over test cases; empty masks: "
                f"{get_convention(opts.convention).source}.")
     markdown = "\n\n".join(
         ([f"Whole volume (legacy), convention {opts.convention}:\n\n{format_table1_markdown(rows)}"] if rows else []) +
@@ -989,7 +1048,8 @@ def reproduce(opts: ReproduceOptions) -> dict | None:
     content = {
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": command_line(opts),
-        "protocol": protocol_record(opts, dataset, plans_id, conf, classes, slots, env),
+        "protocol": protocol_record(opts, dataset, plans_id if uses_run_plans else plans_of[specs[0].given], conf,
+                                    classes, slots, env, specs, confs),
         "versions": versions(opts.device, slots),
         "steps": log.steps,
         "seconds_total": round(time.time() - started, 1),
