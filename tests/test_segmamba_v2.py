@@ -156,3 +156,29 @@ def test_two_iterations_inside_nnunetv2_train(planned_small):  # noqa: F811
     assert (fold / "validation" / "summary.json").exists()
     for p in fold.glob("checkpoint_*.pth"):  # ~1.1 GB each (138.8 M weights + SGD momentum)
         p.unlink()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_full_size_training_step_under_autocast_on_cuda(dtype):
+    """The public setting: 4 inputs, patch 128^3, batch 2, SGD, mixed precision: finite loss and
+    gradients, and the peak memory (printed with -s) for the README."""
+    torch.manual_seed(0)
+    net = SegMambaV2(4, 3).cuda()
+    opt = torch.optim.SGD(net.parameters(), 1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    x = torch.randn(2, 4, 128, 128, 128, device="cuda")
+    target = (torch.rand(2, 3, 128, 128, 128, device="cuda") > 0.5).float()
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(2):
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=dtype):
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(net(x), target)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        assert torch.isfinite(loss)
+    if dtype == torch.bfloat16:  # fp16: the GradScaler may skip a step with inf gradients, by design
+        assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+    print(f"SegMambaV2 2x4x128^3 {dtype}: peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
