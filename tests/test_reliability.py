@@ -431,6 +431,8 @@ def test_landmarks_predict_never_replaces_reference_landmarks(tmp_path, capsys):
     assert "is an input of this command" in capsys.readouterr().err
     assert main(["landmarks", "evaluate", "--pred", str(data / "landmarks"), "--ref", str(data)]) == 2
     assert "same landmark folder" in capsys.readouterr().err
+    assert main(["landmarks", "train", "--data", str(data), "--out", str(truth)]) == 2
+    assert "is an existing file" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- smaller items

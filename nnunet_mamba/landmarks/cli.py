@@ -161,6 +161,9 @@ def run(args) -> int:
     cmd = args.landmarks_command
     if cmd == "train":
         from .inference import resolve_device
+
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise UserError(f"--out {args.out} is an existing file; pass a folder for the model.")
         from .training import TrainingConfig, train_cross_validation
 
         cfg = TrainingConfig(model=args.model, base_channels=args.base_channels,
