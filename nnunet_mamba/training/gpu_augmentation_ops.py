@@ -24,6 +24,15 @@ import torch.nn.functional as F
 _UPMODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
 
 
+def to_device(x, device: torch.device, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Host values as a tensor on ``device`` without a device synchronisation (pinned,
+    non-blocking copy on CUDA), so that the host can queue the next kernels meanwhile."""
+    t = torch.as_tensor(np.asarray(x), dtype=dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 # ---- rotation and scaling: one affine grid + grid_sample ----------------------------------
 def center_crop_slices(in_shape: Sequence[int], out_shape: Sequence[int]) -> tuple:
     """Slices of batchgeneratorsv2's ``crop_tensor`` around ``floor(in / 2)`` (in >= out)."""
@@ -41,15 +50,16 @@ def affine_grid(affines: torch.Tensor, in_shape: Sequence[int], out_shape: Seque
     """grid_sample grid (align_corners=False) of ``SpatialTransform`` without elastic deformation.
 
     affines: ``(n, d, d)``, acting on voxel offsets from the patch centre in array-axis order;
-    the output patch ``out_shape`` is centred on ``in_shape / 2``. Returns ``(n, *out_shape, d)``
-    with the coordinates in grid_sample's (x, y[, z]) order.
+    the output patch ``out_shape`` is centred on ``in_shape / 2``. Returns ``(n, *out_shape, d)`` with the
+    coordinates in grid_sample's (x, y[, z]) order.
     """
     dev = affines.device
     axes = [torch.linspace((1 - s) / 2, (s - 1) / 2, s, device=dev) for s in out_shape]
     base = torch.stack(torch.meshgrid(axes, indexing="ij"), -1)  # (*out, d)
-    grid = torch.einsum("...j,nij->n...i", base, affines.to(dev, torch.float32))
-    half = torch.tensor([s / 2 for s in in_shape], device=dev, dtype=torch.float32)
-    return (grid / half).flip(-1)
+    grid = torch.einsum("...j,nij->n...i", base, affines.to(torch.float32))
+    for d, s in enumerate(in_shape):  # python scalars: no host-to-device copy
+        grid[..., d] /= s / 2
+    return grid.flip(-1)
 
 
 def resample_image(img: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
@@ -118,8 +128,8 @@ def spatial_transform(img: torch.Tensor, seg: Optional[torch.Tensor], out_shape:
     seg_out = seg[crop].clone() if seg is not None else None
     idx = np.flatnonzero(transformed)
     if len(idx):
-        sel = torch.as_tensor(idx, device=img.device)
-        grid = affine_grid(torch.as_tensor(np.asarray(affines)[idx]), in_shape, out_shape)
+        sel = to_device(idx, img.device)
+        grid = affine_grid(to_device(np.asarray(affines)[idx], img.device, torch.float32), in_shape, out_shape)
         img_out[sel] = resample_image(img[sel], grid)
         if seg is not None:
             seg_out[sel] = resample_segmentation(seg[sel], grid, label_values, pad_label,
@@ -131,14 +141,14 @@ def spatial_transform(img: torch.Tensor, seg: Optional[torch.Tensor], out_shape:
 def _rows(img: torch.Tensor, mask: np.ndarray):
     """The (b, c) rows of ``img`` flattened to ``(B*C, *spatial)`` where ``mask`` holds."""
     idx = np.flatnonzero(np.asarray(mask).reshape(-1))
-    return img.reshape(-1, *img.shape[2:]), torch.as_tensor(idx, device=img.device), idx
+    return img.reshape(-1, *img.shape[2:]), to_device(idx, img.device), idx
 
 
 def gaussian_noise(img: torch.Tensor, sigma: np.ndarray) -> torch.Tensor:
     """Adds N(0, sigma[b, c]^2) noise (GaussianNoiseTransform; 'noise_variance' is the std)."""
     flat, sel, idx = _rows(img, sigma > 0)
     if len(idx):
-        s = torch.as_tensor(np.asarray(sigma).reshape(-1)[idx], device=img.device, dtype=img.dtype)
+        s = to_device(np.asarray(sigma).reshape(-1)[idx], img.device, img.dtype)
         noise = torch.randn((len(idx), *flat.shape[1:]), device=img.device, dtype=img.dtype)
         flat.index_add_(0, sel, noise * s.view(-1, *[1] * (flat.ndim - 1)))
     return img
@@ -180,7 +190,7 @@ def gaussian_blur(img: torch.Tensor, sigmas: np.ndarray) -> torch.Tensor:
         shape[2 + d] = k
         pad = [0] * (2 * dim)
         pad[2 * (dim - 1 - d)] = pad[2 * (dim - 1 - d) + 1] = k // 2
-        x = conv(F.pad(x, pad, mode="reflect"), weight.view(shape).to(img.device, img.dtype),
+        x = conv(F.pad(x, pad, mode="reflect"), to_device(weight.view(shape), img.device, img.dtype),
                  groups=len(kernels))
     flat.index_copy_(0, sel, x[0])
     return img
@@ -190,7 +200,7 @@ def multiplicative_brightness(img: torch.Tensor, multipliers: np.ndarray) -> tor
     """img[b, c] *= multipliers[b, c] (MultiplicativeBrightnessTransform)."""
     flat, sel, idx = _rows(img, multipliers != 1)
     if len(idx):
-        m = torch.as_tensor(np.asarray(multipliers, np.float32).reshape(-1)[idx], device=img.device)
+        m = to_device(np.asarray(multipliers, np.float32).reshape(-1)[idx], img.device)
         flat.index_copy_(0, sel, flat[sel] * m.view(-1, *[1] * (flat.ndim - 1)))
     return img
 
@@ -200,7 +210,7 @@ def contrast(img: torch.Tensor, factors: np.ndarray, preserve_range: bool = True
     flat, sel, idx = _rows(img, factors != 1)
     if len(idx):
         x = flat[sel].reshape(len(idx), -1)
-        m = torch.as_tensor(np.asarray(factors, np.float32).reshape(-1)[idx], device=img.device)[:, None]
+        m = to_device(np.asarray(factors, np.float32).reshape(-1)[idx], img.device)[:, None]
         mean = x.mean(1, keepdim=True)
         y = (x - mean) * m + mean
         if preserve_range:
@@ -231,10 +241,9 @@ def gamma(img: torch.Tensor, gammas: np.ndarray, invert: np.ndarray, retain_stat
         return img
     dev = img.device
     x = flat[sel].reshape(len(idx), -1)
-    g = torch.as_tensor(np.asarray(gammas, np.float32).reshape(-1)[idx], device=dev)[:, None]
-    sign = torch.as_tensor(np.where(np.asarray(invert).reshape(-1)[idx], -1.0, 1.0),
-                           device=dev, dtype=x.dtype)[:, None]
-    keep = torch.as_tensor(np.asarray(retain_stats).reshape(-1)[idx], device=dev)[:, None]
+    g = to_device(np.asarray(gammas, np.float32).reshape(-1)[idx], dev)[:, None]
+    sign = to_device(np.where(np.asarray(invert).reshape(-1)[idx], -1.0, 1.0), dev, x.dtype)[:, None]
+    keep = to_device(np.asarray(retain_stats).reshape(-1)[idx], dev)[:, None]
     x = x * sign
     mean, std = x.mean(1, keepdim=True), x.std(1, keepdim=True)
     lo, hi = torch.aminmax(x, dim=1, keepdim=True)
@@ -281,8 +290,8 @@ def to_regions(seg: torch.Tensor, regions: Sequence[Sequence[int]], channel: int
     s = seg[:, channel]
     out = torch.zeros((seg.shape[0], len(regions), *seg.shape[2:]), dtype=torch.bool, device=seg.device)
     for r, labels in enumerate(regions):
-        labels = torch.as_tensor([int(v) for v in labels], device=seg.device, dtype=s.dtype)
-        out[:, r] = torch.isin(s, labels)
+        for v in labels:  # python ints: no host-to-device copy
+            out[:, r] |= s == int(v)
     return out
 
 

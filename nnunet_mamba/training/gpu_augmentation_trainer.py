@@ -52,20 +52,35 @@ class GPUAugmentedLoader:
     """Iterator over nnU-Net's training loader that augments each batch on ``device``.
 
     Yields ``{'data': (B, C, *patch), 'target': tensor or list, 'keys': ...}`` on the device;
-    nnU-Net's ``train_step`` then finds its tensors already there.
+    nnU-Net's ``train_step`` then finds its tensors already there. On CUDA the next batch's
+    (pinned) host-to-device copy runs on a side stream while the current step computes.
     """
 
     def __init__(self, loader, augmentation: GPUAugmentation, device: torch.device):
         self.loader, self.augmentation, self.device = loader, augmentation, device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._ahead = None
+
+    def _fetch(self) -> dict:
+        batch = next(self.loader)
+        if self.stream is None:
+            return {**batch, "data": batch["data"].to(self.device), "target": batch["target"].to(self.device)}
+        with torch.cuda.stream(self.stream):
+            return {**batch, "data": batch["data"].to(self.device, non_blocking=True),
+                    "target": batch["target"].to(self.device, non_blocking=True)}
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict:
-        batch = next(self.loader)
-        data = batch["data"].to(self.device, non_blocking=True)
-        target = batch["target"].to(self.device, non_blocking=True)
-        data, target = self.augmentation(data, target)
+        batch = self._ahead if self._ahead is not None else self._fetch()
+        if self.stream is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_stream(self.stream)
+            batch["data"].record_stream(current)
+            batch["target"].record_stream(current)
+        self._ahead = self._fetch() if self.stream is not None else None
+        data, target = self.augmentation(batch["data"], batch["target"])
         return {**batch, "data": data, "target": target}
 
     next = __next__
