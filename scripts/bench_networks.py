@@ -9,7 +9,17 @@ then sliding-window inference of one 4 x 240 x 240 x 155 volume with nnU-Net's t
 The baseline is nnU-Net's default 3d_fullres network for BraTS (PlainConvUNet, 6 stages,
 32..320 features), built with dynamic_network_architectures as nnU-Net builds it.
 
+With ``--compile`` every network is also trained as nnU-Net trains it by default on CUDA,
+``torch.compile(network)`` (``--compile-backend``, default inductor): the row then has
+the compiled step time next to the eager one, the first compiled step (compilation
+included), the peak memory of each, the graph breaks and the frames Dynamo compiled: one
+for training, one more for the validation switch (eval mode + no_grad), and any further
+one is a recompile (``recompiles``, which should be 0).
+
     python scripts/bench_networks.py --networks nnMambaSeg nnUNet --device cuda
+    python scripts/bench_networks.py --compile --no-inference          # eager vs compiled
+    python scripts/bench_networks.py --compile --device cpu --patch 32 32 32 --batch 1 \
+        --iters 2 --warmup 1 --compile-backend aot_eager --no-inference  # a CPU dry run
 """
 from __future__ import annotations
 
@@ -59,7 +69,12 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def train_speed(net, device, batch, patch, iters, warmup, amp=True):
+def train_speed(net, device, batch, patch, iters, warmup, amp=True, model=None):
+    """Mean seconds per training step after ``warmup`` steps, peak GiB, first step's seconds.
+
+    ``model`` is what is called (e.g. the compiled ``net``); the optimiser steps ``net``.
+    """
+    model = net if model is None else model
     opt = torch.optim.SGD(net.parameters(), 1e-2, momentum=0.99, nesterov=True)
     use_amp = amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
@@ -67,13 +82,13 @@ def train_speed(net, device, batch, patch, iters, warmup, amp=True):
     target = (torch.rand(batch, 3, *patch, device=device) > 0.5).float()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, first = [], None
     for i in range(warmup + iters):
         sync(device)
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, enabled=use_amp):
-            outs = net(x)
+            outs = model(x)
             outs = outs if isinstance(outs, (list, tuple)) else [outs]
             loss = 0
             for w, o in zip([1 / 2 ** k for k in range(len(outs))], outs):
@@ -89,12 +104,38 @@ def train_speed(net, device, batch, patch, iters, warmup, amp=True):
             loss.backward()
             opt.step()
         sync(device)
+        first = time.perf_counter() - t0 if first is None else first
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     if not math.isfinite(float(loss.detach())):
         raise RuntimeError("non-finite loss")
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return sum(times) / len(times), peak
+    return sum(times) / len(times), peak, first
+
+
+def compiled_speed(net, device, batch, patch, iters, warmup, backend="inductor"):
+    """The training step of ``torch.compile(net)`` (nnU-Net's default on CUDA) and Dynamo's
+    account: graph breaks, frames compiled for training, for a validation forward (eval
+    mode, no_grad) and for training again after it (the last should be 0)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = torch.compile(net, backend=backend)
+    sec, peak, first = train_speed(net, device, batch, patch, iters, warmup, model=model)
+    frames_train = counters["frames"]["total"]
+    net.eval()
+    with torch.no_grad(), torch.autocast(device.type, enabled=device.type == "cuda"):
+        model(torch.randn(batch, 4, *patch, device=device))
+    frames_eval = counters["frames"]["total"] - frames_train
+    net.train()
+    train_speed(net, device, batch, patch, 1, 0, model=model)
+    frames_again = counters["frames"]["total"] - frames_train - frames_eval
+    breaks = sum(counters["graph_break"].values())
+    return {"compiled_s_per_iter": round(sec, 4), "compiled_first_iter_s": round(first, 2),
+            "compiled_peak_GiB": round(peak, 2), "graph_breaks": breaks,
+            "frames_train": frames_train, "frames_eval": frames_eval,
+            "recompiles": frames_again + max(0, frames_train - 1) + max(0, frames_eval - 1)}
 
 
 def gaussian_weights(patch, device, sigma_scale=1 / 8):
@@ -154,13 +195,22 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--no-inference", action="store_true")
+    p.add_argument("--compile", action="store_true",
+                   help="also time the training step of torch.compile(network)")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend (inductor as nnU-Net; aot_eager for a CPU dry run)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     patch = tuple(args.patch)
     rows = []
     print(f"device: {torch.cuda.get_device_name(0) if device.type == 'cuda' else 'cpu'}, "
-          f"torch {torch.__version__}, batch {args.batch}, patch {patch}", flush=True)
+          f"torch {torch.__version__}, batch {args.batch}, patch {patch}, AMP fp16 "
+          f"{device.type == 'cuda'}" + (f", compile backend {args.compile_backend}"
+                                        if args.compile else ""), flush=True)
+    if device.type == "cuda":
+        from nnunet_mamba.ssm import resolve_backend
+        print(f"selective-scan backend on cuda: {resolve_backend(None, device)}", flush=True)
     for name in args.networks:
         torch.manual_seed(0)
         try:
@@ -168,9 +218,12 @@ def main(argv=None):
         except (ValueError, TypeError):  # networks without deep supervision (SegMamba, UNETR)
             net = build(name, 4, 3, False, patch).to(device)
         params = sum(q.numel() for q in net.parameters()) / 1e6
-        sec, peak = train_speed(net, device, args.batch, patch, args.iters, args.warmup)
+        sec, peak, _ = train_speed(net, device, args.batch, patch, args.iters, args.warmup)
         row = {"network": name, "params_M": round(params, 2), "s_per_iter": round(sec, 4),
                "peak_GiB": round(peak, 2)}
+        if args.compile:
+            row.update(compiled_speed(net, device, args.batch, patch, args.iters,
+                                      max(args.warmup, 3), args.compile_backend))
         if not args.no_inference:
             if hasattr(net, "decoder"):
                 net.decoder.deep_supervision = False

@@ -179,7 +179,8 @@ class MICCSS(nn.Module):
     1x1 ConvNormAct; one Mamba run on the voxel sequence and on its channel-flipped,
     sequence-flipped and doubly flipped copies (siamese: the same weights), each output
     flipped back, the four averaged and added to the conv features; 1x1 ConvNormAct.
-    The sequences come from :data:`nnunet_mamba.ssm.MICCSS_FLIPS`.
+    The sequences come from :data:`nnunet_mamba.ssm.MICCSS_FLIPS`; the views are stacked
+    along the batch axis, so the Mamba runs once on (views x B, L, C).
 
     (B, C, D, H, W) -> (B, C, D, H, W); with 2D ``ops`` (B, C, H, W) -> (B, C, H, W).
     """
@@ -195,8 +196,11 @@ class MICCSS(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.proj_in(x)
         shape = x.shape[2:]
-        mixed = sum(v.from_sequence(self.mamba(v.to_sequence(x)), shape) for v in self.views)
-        return self.proj_out(x + mixed / len(self.views))
+        n = len(self.views)
+        # the siamese views stacked along the batch axis: one Mamba call for all of them
+        ys = self.mamba(torch.cat([v.to_sequence(x) for v in self.views], 0)).chunk(n, 0)
+        mixed = sum(v.from_sequence(y, shape) for v, y in zip(self.views, ys))
+        return self.proj_out(x + mixed / n)
 
 
 class ResidualBlock(nn.Module):

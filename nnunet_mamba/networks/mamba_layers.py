@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from ..ssm import FORWARD, Mamba, ScanOrder, from_sequence, to_sequence
-from ..ssm.mamba import _autocast_off
+from ..ssm.mamba import _autocast_off, grouped_mamba
 
 
 class PreNormMambaBlock(nn.Module):
@@ -46,6 +46,16 @@ class PreNormMambaBlock(nn.Module):
         x = x + self.mamba(self.norm1(x))
         return x + self.head(self.norm2(x))
 
+    @staticmethod
+    def run_many(blocks: Sequence["PreNormMambaBlock"], inputs: Sequence[torch.Tensor]
+                 ) -> list[torch.Tensor]:
+        """``[blk(x) for blk, x in zip(blocks, inputs)]`` with the Mambas as one grouped scan
+        (:func:`~nnunet_mamba.ssm.mamba.grouped_mamba`); blocks of one configuration."""
+        mixed = grouped_mamba([blk.mamba for blk in blocks],
+                              [blk.norm1(x) for blk, x in zip(blocks, inputs)])
+        xs = [x + m for x, m in zip(inputs, mixed)]
+        return [x + blk.head(blk.norm2(x)) for blk, x in zip(blocks, xs)]
+
 
 class BidirectionalMambaBlock(nn.Module):
     """Bidirectional Mamba layer (Lumetti et al. 2024, Fig. 1b): two :class:`PreNormMambaBlock`
@@ -61,7 +71,16 @@ class BidirectionalMambaBlock(nn.Module):
         self.norm = nn.LayerNorm(d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.fwd_mamba(x) + self.bwd_mamba(x.flip(1)).flip(1))
+        return self.run_many([self], [x])[0]
+
+    @staticmethod
+    def run_many(blocks: Sequence["BidirectionalMambaBlock"], inputs: Sequence[torch.Tensor]
+                 ) -> list[torch.Tensor]:
+        """``[blk(x) for blk, x in zip(blocks, inputs)]``: all 2 x len(blocks) directions as
+        one grouped scan."""
+        pre = [p for blk in blocks for p in (blk.fwd_mamba, blk.bwd_mamba)]
+        ys = PreNormMambaBlock.run_many(pre, [t for x in inputs for t in (x, x.flip(1))])
+        return [blk.norm(ys[2 * i] + ys[2 * i + 1].flip(1)) for i, blk in enumerate(blocks)]
 
 
 class FeatureMapSequenceMixer(nn.Module):
@@ -139,14 +158,18 @@ class FeatureMapMamba(FeatureMapSequenceMixer):
         self.orders = tuple(orders)
 
     def mix(self, tokens: torch.Tensor, spatial_shape: Sequence[int]) -> torch.Tensor:
+        perms = [None if order == FORWARD else order.permutation(spatial_shape, device=tokens.device)
+                 for order in self.orders]
+        seqs = [tokens if p is None else tokens[:, p] for p in perms]
+        kind = type(self.mixers[0])
+        if len(self.mixers) > 1 and hasattr(kind, "run_many") and all(
+                type(m) is kind for m in self.mixers):
+            ys = kind.run_many(list(self.mixers), seqs)  # all orders in one grouped scan
+        else:
+            ys = [mixer(s) for mixer, s in zip(self.mixers, seqs)]
         out = 0
-        for mixer, order in zip(self.mixers, self.orders):
-            if order == FORWARD:
-                out = out + mixer(tokens)
-                continue
-            perm = order.permutation(spatial_shape, device=tokens.device)
-            y = mixer(tokens[:, perm])
-            out = out + torch.empty_like(y).index_copy_(1, perm, y)
+        for y, p in zip(ys, perms):
+            out = out + (y if p is None else torch.empty_like(y).index_copy_(1, p, y))
         return out / len(self.mixers)
 
 

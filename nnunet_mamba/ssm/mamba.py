@@ -9,7 +9,8 @@ and ``torch.nn.functional.conv1d`` otherwise; the selective scan goes through
 
 :class:`MultiScanMamba` is the multi-directional variant SegMamba's Tri-orientated Mamba
 uses (Xing et al. 2024, Sec. 2.2): one shared ``in_proj``/``out_proj`` and one set of
-scan parameters (:class:`SSMBranch`) per scan order, the branch outputs summed.
+scan parameters (:class:`SSMBranch`) per scan order, the branch outputs summed; the
+branches run side by side as one grouped scan (:func:`grouped_ssm`).
 """
 from __future__ import annotations
 
@@ -71,25 +72,63 @@ class SSMBranch(nn.Module):
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return self.ssm(x, z)
 
-    def ssm(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """x, z: (batch, d_inner, L) -> y (batch, d_inner, L) in float32 (float64 stays)."""
+    def ssm(self, x: torch.Tensor, z: torch.Tensor, fp32_out: bool = True) -> torch.Tensor:
+        """x, z: (batch, d_inner, L) -> y (batch, d_inner, L).
+
+        The scan runs in float32 whatever the input dtype. With ``fp32_out`` y is float32
+        (float64 stays); without it y has the dtype of the projections (float16 under
+        autocast): the same numbers as a float32 y cast for the next autocast matmul,
+        without the float32 copies.
+        """
         L = x.shape[-1]
         if x.is_cuda and _CAUSAL_CONV1D is not None:
             x = _CAUSAL_CONV1D(x.contiguous(), self.conv1d.weight.squeeze(1), self.conv1d.bias,
-                        activation="silu")
+                               activation="silu")
         else:
             x = F.silu(self.conv1d(x)[..., :L])
         x_dbl = self.x_proj(x.transpose(1, 2))  # (b, L, dt_rank + 2N)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # bias goes into the scan
-        A = -torch.exp(self.A_log.float())
-        work = torch.promote_types(x.dtype, torch.float32)
-        with _autocast_off(x.device):
-            return selective_scan(
-                x.to(work), dt.to(work), A.to(work), B.transpose(1, 2).to(work),
-                C.transpose(1, 2).to(work), self.D.to(work), z=z.to(work),
-                delta_bias=self.dt_proj.bias.to(work), delta_softplus=True,
-                backend=self.scan_backend)
+        return _scan(x, dt, self.A_log, B.transpose(1, 2), C.transpose(1, 2), self.D, z,
+                     self.dt_proj.bias, self.scan_backend, fp32_out)
+
+
+def _scan(x, dt, A_log, B, C, D, z, dt_bias, backend, fp32_out):
+    """The selective scan of SSM branches (softplus(dt + dt_bias), A = -exp(A_log))."""
+    A = -torch.exp(A_log.float())
+    work = torch.promote_types(x.dtype, torch.float32) if fp32_out else x.dtype
+    with _autocast_off(x.device):
+        return selective_scan(
+            x.to(work), dt.to(work), A, B.to(work), C.to(work), D, z=z.to(work),
+            delta_bias=dt_bias, delta_softplus=True, backend=backend)
+
+
+def grouped_ssm(branches: Sequence["SSMBranch"], x: torch.Tensor, z: torch.Tensor,
+                fp32_out: bool = True) -> torch.Tensor:
+    """K :class:`SSMBranch` es of one configuration, each with its own weights, at once.
+
+    x, z: (batch, K * d_inner, L), branch k on channels [k d_inner, (k+1) d_inner).
+    Returns (batch, K * d_inner, L): ``cat([branch_k.ssm(x_k, z_k)], 1)`` up to float
+    rounding, computed as one depthwise convolution, two batched matmuls and ONE grouped
+    selective scan (B/C of shape (batch, K, N, L)).
+    """
+    if len(branches) == 1:
+        return branches[0].ssm(x, z, fp32_out)
+    K, first = len(branches), branches[0]
+    d, L, b = first.d_inner, x.shape[-1], x.shape[0]
+    conv_w = torch.cat([br.conv1d.weight for br in branches])  # (K d, 1, d_conv)
+    conv_b = None if first.conv1d.bias is None else torch.cat([br.conv1d.bias for br in branches])
+    if x.is_cuda and _CAUSAL_CONV1D is not None:
+        x = _CAUSAL_CONV1D(x.contiguous(), conv_w.squeeze(1), conv_b, activation="silu")
+    else:
+        x = F.silu(F.conv1d(x, conv_w, conv_b, padding=first.d_conv - 1, groups=K * d)[..., :L])
+    w_x = torch.stack([br.x_proj.weight for br in branches])  # (K, R + 2N, d)
+    x_dbl = torch.matmul(w_x, x.view(b, K, d, L))  # (b, K, R + 2N, L)
+    dt, B, C = torch.split(x_dbl, [first.dt_rank, first.d_state, first.d_state], dim=2)
+    dt = torch.matmul(torch.stack([br.dt_proj.weight for br in branches]), dt)  # (b, K, d, L)
+    cat = lambda name: torch.cat([getattr(br, name) for br in branches])  # noqa: E731
+    return _scan(x, dt.reshape(b, K * d, L), cat("A_log"), B, C, cat("D"), z,
+                 torch.cat([br.dt_proj.bias for br in branches]), first.scan_backend, fp32_out)
 
 
 def _autocast_off(device: torch.device):
@@ -125,8 +164,35 @@ class Mamba(SSMBranch):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)
-        y = self.ssm(x, z)  # (b, d_inner, L), float32 (float64 for float64 models)
-        return self.out_proj(y.transpose(1, 2).to(self.out_proj.weight.dtype))
+        y = self.ssm(x, z, fp32_out=False)  # (b, d_inner, L) in the projections' dtype
+        return self.out_proj(y.transpose(1, 2))
+
+
+def grouped_mamba(mambas: Sequence[Mamba], inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """K :class:`Mamba` blocks of one configuration, each with its own weights and its own
+    input (batch, L, d_model), run as batched matmuls and ONE grouped selective scan.
+
+    Returns the K outputs (batch, L, d_model): ``[m(x) for m, x in zip(mambas, inputs)]``
+    up to float rounding (Taming Mambas' bi- and multi-directional layers).
+    """
+    if len(mambas) == 1:
+        return [mambas[0](inputs[0])]
+    K, first = len(mambas), mambas[0]
+    d = first.d_inner
+    xt = torch.stack(inputs, 1).transpose(2, 3)  # (b, K, d_model, L)
+    w_in = torch.stack([m.in_proj.weight for m in mambas])  # (K, 2 d, d_model)
+    x = torch.matmul(w_in[:, :d], xt)  # (b, K, d, L)
+    z = torch.matmul(w_in[:, d:], xt)
+    if first.in_proj.bias is not None:
+        b_in = torch.stack([m.in_proj.bias for m in mambas])[..., None]  # (K, 2 d, 1)
+        x, z = x + b_in[:, :d], z + b_in[:, d:]
+    b, L = x.shape[0], x.shape[-1]
+    y = grouped_ssm(mambas, x.reshape(b, K * d, L), z.reshape(b, K * d, L), fp32_out=False)
+    w_out = torch.stack([m.out_proj.weight for m in mambas])  # (K, d_model, d)
+    out = torch.matmul(w_out, y.view(b, K, d, L)).transpose(2, 3)  # (b, K, L, d_model)
+    if first.out_proj.bias is not None:
+        out = out + torch.stack([m.out_proj.bias for m in mambas])[:, None]
+    return list(out.unbind(1))
 
 
 class MultiScanMamba(nn.Module):
@@ -155,11 +221,16 @@ class MultiScanMamba(nn.Module):
         if len(permutations) != len(self.branches):
             raise ValueError(f"{len(self.branches)} branches but {len(permutations)} orders")
         xz = self.in_proj(hidden_states).transpose(1, 2)
+        xs, zs = [], []
+        for perm in permutations:
+            x, z = (xz if perm is None else xz[..., perm]).chunk(2, dim=1)
+            xs.append(x)
+            zs.append(z)
+        # the branches side by side along the channels: one grouped scan (float32 out,
+        # so that the branch outputs are summed in float32 as before)
+        ys = grouped_ssm(self.branches, torch.cat(xs, 1), torch.cat(zs, 1)).chunk(len(xs), 1)
         out = 0
-        for branch, perm in zip(self.branches, permutations):
-            xz_p = xz if perm is None else xz[..., perm]
-            x, z = xz_p.chunk(2, dim=1)
-            y = branch.ssm(x, z)
+        for y, perm in zip(ys, permutations):
             if perm is not None:
                 y = torch.empty_like(y).index_copy_(-1, perm, y)
             out = out + y
