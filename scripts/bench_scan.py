@@ -4,7 +4,9 @@
 Compares, at batch B, d_state N and each (d_inner, L):
 
 * the backends of :func:`nnunet_mamba.ssm.selective_scan` that can run on the device
-  (``torch``, ``numba`` on CPU; ``mamba_ssm`` and ``torch`` on CUDA);
+  (``torch``, ``numba`` on CPU; ``mamba_ssm``, ``triton`` and ``torch`` on CUDA);
+* ``triton_direct``: the Triton kernels of :mod:`nnunet_mamba.ssm.triton_scan` called
+  directly (a bare autograd.Function, no backend dispatch);
 * ``ref_loop``: a loop in the style of mamba-ssm's ``selective_scan_ref`` (the (b, d, L, N)
   decays formed up front, indexed inside the Python loop over L; autograd through it,
   whose backward is O(L^2) because every index op scatters into a full-size gradient);
@@ -41,9 +43,11 @@ import subprocess
 import sys
 import time
 
-SCAN_BACKENDS = ("torch", "numba", "mamba_ssm")
+SCAN_BACKENDS = ("torch", "numba", "mamba_ssm", "triton")
+#: the Triton kernels called directly (nnunet_mamba.ssm.triton_scan, no backend dispatch)
+DIRECT = ("triton_direct",)
 LOOPS = ("ref_loop", "unbind_loop")
-ALL_METHODS = SCAN_BACKENDS + LOOPS
+ALL_METHODS = SCAN_BACKENDS + DIRECT + LOOPS
 
 
 def parse_length(text: str) -> int:
@@ -126,11 +130,33 @@ def unbind_loop(u, delta, A, B, C, D, z, delta_bias):
     return (y + u * D[:, None]) * F.silu(z)
 
 
+def triton_direct(u, delta, A, B, C, D, z, delta_bias):
+    """triton_scan.selective_scan_forward/backward in a bare autograd.Function."""
+    import torch
+
+    from nnunet_mamba.ssm import triton_scan
+
+    class Scan(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args):
+            ctx.save_for_backward(*args)
+            return triton_scan.selective_scan_forward(*args, delta_softplus=True)[0]
+
+        @staticmethod
+        def backward(ctx, dout):
+            return triton_scan.selective_scan_backward(dout, *ctx.saved_tensors,
+                                                       delta_softplus=True)
+
+    return Scan.apply(u, delta, A, B, C, D, z, delta_bias)
+
+
 def run_method(method, inputs):
     from nnunet_mamba.ssm import selective_scan
 
     if method in LOOPS:
         return (ref_loop if method == "ref_loop" else unbind_loop)(**inputs)
+    if method == "triton_direct":
+        return triton_direct(**inputs)
     return selective_scan(**inputs, delta_softplus=True, backend=method)
 
 
@@ -197,7 +223,14 @@ def available_methods(device: str) -> list[str]:
     from nnunet_mamba.ssm.selective_scan import backend_status
 
     status = backend_status(device)
-    return [m for m in SCAN_BACKENDS if status[m][0]] + list(LOOPS)
+    methods = [m for m in SCAN_BACKENDS if status.get(m, (False,))[0]]
+    try:
+        from nnunet_mamba.ssm.triton_scan import triton_status
+        if triton_status(device)[0]:
+            methods.append("triton_direct")
+    except ImportError:
+        pass
+    return methods + list(LOOPS)
 
 
 def mem_available_bytes() -> float:
@@ -283,7 +316,7 @@ def benchmark(args) -> list[dict]:
 
 
 def format_row(row: dict, speedup: str = "") -> str:
-    head = (f"{row['device']:5s} {row['method']:12s} {row['dim']:6d} "
+    head = (f"{row['device']:5s} {row['method']:13s} {row['dim']:6d} "
             f"{length_label(row['L']):>7s}")
     if "skipped" in row:
         return f"{head}  {row['skipped']}"
@@ -298,7 +331,7 @@ def print_table(rows: list[dict]) -> None:
           "forward and one backward pass;\ncpu s: CPU time of fwd+bwd, all threads; peak MB: "
           "peak memory beyond the inputs;\nspeed-up: unbind_loop total s / this total s"
           .format(**rows[0]))
-    print(f"{'dev':5s} {'method':12s} {'d_inner':>6s} {'L':>7s} {'fwd s':>9s} {'bwd s':>9s} "
+    print(f"{'dev':5s} {'method':13s} {'d_inner':>6s} {'L':>7s} {'fwd s':>9s} {'bwd s':>9s} "
           f"{'total s':>9s} {'cpu s':>9s} {'peak MB':>10s} {'speed-up':>9s}")
     for r in sorted(rows, key=lambda r: (r["device"], r["L"], r["dim"],
                                          ALL_METHODS.index(r["method"]))):
@@ -327,7 +360,8 @@ def check(args) -> int:
     for device in args.devices:
         exact = outputs("torch", device, torch.float64)
         ref = outputs("torch", device, getattr(torch, args.dtype))
-        methods = [m for m in available_methods(device) if m in SCAN_BACKENDS and m != "torch"]
+        methods = [m for m in available_methods(device)
+                   if m in SCAN_BACKENDS + DIRECT and m != "torch"]
         print(f"\n[{device}] batch {args.batch}, d_inner {dim}, L {length_label(L)}, "
               f"d_state {args.d_state}, {args.dtype}; rel = max abs error / max |reference|")
         print(f"{'backend':10s} {'tensor':12s} {'abs vs torch':>13s} {'rel vs torch':>13s} "
@@ -342,6 +376,33 @@ def check(args) -> int:
                     worst = max(worst, rel)
                 print(f"{method:10s} {name:12s} {err:13.3e} {rel:13.3e} {rel64:11.3e}")
     print(f"\nworst relative difference to the torch backend: {worst:.3e}")
+    return 0
+
+
+def profile(args) -> int:
+    """CUDA kernel times of one forward+backward per method and size (torch.profiler)."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    for L in args.lengths:
+        for dim in args.dims:
+            for method in [m for m in args.backends if m in available_methods("cuda")]:
+                inputs, grad_out = make_inputs(args.batch, dim, L, args.d_state,
+                                               torch.device("cuda"), getattr(torch, args.dtype))
+                for _ in range(2):  # compile / warm up
+                    run_method(method, inputs).backward(grad_out)
+                torch.cuda.synchronize()
+                with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    run_method(method, inputs).backward(grad_out)
+                    torch.cuda.synchronize()
+                events = prof.key_averages()
+                total = sum(e.device_time_total for e in events) / 1e3
+                print(f"\n{method}, d_inner {dim}, L {length_label(L)}: "
+                      f"{total:.3f} ms of CUDA kernels (fwd+bwd)")
+                for e in sorted(events, key=lambda e: -e.device_time_total)[:8]:
+                    print(f"  {e.device_time_total / 1e3:9.3f} ms  x{e.count:<3d} {e.key[:70]}")
+                del inputs, grad_out
     return 0
 
 
@@ -369,6 +430,8 @@ def main(argv=None) -> int:
     p.add_argument("--check", action="store_true",
                    help="compare outputs and gradients of every backend with the torch backend")
     p.add_argument("--check-length", default="4096", help="L for --check")
+    p.add_argument("--profile", action="store_true",
+                   help="print the CUDA kernel times of one fwd+bwd per method (torch.profiler)")
     p.add_argument("--_worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -395,6 +458,8 @@ def main(argv=None) -> int:
           + (f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""))
     if args.check:
         return check(args)
+    if args.profile:
+        return profile(args)
     rows = benchmark(args)
     if not rows:
         print("nothing to run")

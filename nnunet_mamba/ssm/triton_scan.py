@@ -91,37 +91,60 @@ if triton is not None:
         return tl.where(mask, dt, 0.0), raw
 
     @triton.jit
-    def _ld(p, t4, L, T2: tl.constexpr):
-        """(T2, T1) float32 tile of p[t], t = t4 + row: T2 // 4 vector loads of 4 steps per
-        thread joined so that every thread holds its T2 consecutive steps (no shuffles)."""
-        lo = tl.load(p + t4, mask=t4 < L, other=0.0).to(tl.float32)
-        if T2 == 4:
-            return lo
-        else:
-            hi = tl.load(p + t4 + 4, mask=t4 + 4 < L, other=0.0).to(tl.float32)
-            x = tl.permute(tl.join(lo, hi), (2, 0, 1))
-            return tl.reshape(x, (8, x.shape[2]))
+    def _ld4(p, t4, L):
+        return tl.load(p + t4, mask=t4 < L, other=0.0).to(tl.float32)
 
     @triton.jit
-    def _halves(v, T2: tl.constexpr):
+    def _cat(lo, hi):
+        """Rows of lo, then rows of hi; joined so that the rows stay in each thread."""
+        x = tl.permute(tl.join(lo, hi), (2, 0, 1))
+        return tl.reshape(x, (2 * x.shape[1], x.shape[2]))
+
+    @triton.jit
+    def _halves(v):
+        return tl.split(tl.permute(tl.reshape(v, (2, v.shape[0] // 2, v.shape[1])), (1, 2, 0)))
+
+    @triton.jit
+    def _ld(p, t4, L, T2: tl.constexpr):
+        """(T2, T1) float32 tile of p[t], t = t4 + row (t4: (4, T1) times of rows 0-3):
+        T2 // 4 vector loads of 4 steps per thread, joined so that every thread holds its
+        T2 consecutive steps (a plain (T2, T1) load would spread them over lanes)."""
         if T2 == 4:
-            return v, v
+            return _ld4(p, t4, L)
+        elif T2 == 8:
+            return _cat(_ld4(p, t4, L), _ld4(p, t4 + 4, L))
         else:
-            return tl.split(tl.permute(tl.reshape(v, (2, 4, v.shape[1])), (1, 2, 0)))
+            return _cat(_cat(_ld4(p, t4, L), _ld4(p, t4 + 4, L)),
+                        _cat(_ld4(p, t4 + 8, L), _ld4(p, t4 + 12, L)))
 
     @triton.jit
     def _st(p, t4, L, v, T2: tl.constexpr):
-        lo, hi = _halves(v.to(p.dtype.element_ty), T2)
-        tl.store(p + t4, lo, mask=t4 < L)
-        if T2 == 8:
+        """Store a (T2, T1) tile made by :func:`_ld`'s layout (p's dtype)."""
+        v = v.to(p.dtype.element_ty)
+        if T2 == 4:
+            tl.store(p + t4, v, mask=t4 < L)
+        elif T2 == 8:
+            lo, hi = _halves(v)
+            tl.store(p + t4, lo, mask=t4 < L)
             tl.store(p + t4 + 4, hi, mask=t4 + 4 < L)
+        else:
+            lo, hi = _halves(v)
+            _st(p, t4, L, lo, 8)
+            _st(p, t4 + 8, L, hi, 8)
 
     @triton.jit
     def _add(p, t4, L, v, T2: tl.constexpr):
-        lo, hi = _halves(v, T2)
-        tl.atomic_add(p + t4, lo, mask=t4 < L, sem="relaxed")
-        if T2 == 8:
+        """Atomic float32 add of a (T2, T1) tile (relaxed: the sums need no ordering)."""
+        if T2 == 4:
+            tl.atomic_add(p + t4, v, mask=t4 < L, sem="relaxed")
+        elif T2 == 8:
+            lo, hi = _halves(v)
+            tl.atomic_add(p + t4, lo, mask=t4 < L, sem="relaxed")
             tl.atomic_add(p + t4 + 4, hi, mask=t4 + 4 < L, sem="relaxed")
+        else:
+            lo, hi = _halves(v)
+            _add(p, t4, L, lo, 8)
+            _add(p, t4 + 8, L, hi, 8)
 
     @triton.jit
     def _shift(v, t1, T1: tl.constexpr, REVERSE: tl.constexpr, edge_value):
@@ -147,7 +170,11 @@ if triton is not None:
         """h_t = a_t h_{t-1} + x_t (h_{t+1} with REVERSE) over a (T2, T1) tile, time
         t = t1 T2 + t2: T2 steps in each thread, then across the lanes; h0 enters the
         tile. Returns h (T2, T1)."""
-        al, hl = tl.associative_scan((a, x), 0, _combine, reverse=REVERSE)
+        if REVERSE:  # in-thread reverse scans lower to shuffles: flip the rows instead
+            al, hl = tl.associative_scan((tl.flip(a, 0), tl.flip(x, 0)), 0, _combine)
+            al, hl = tl.flip(al, 0), tl.flip(hl, 0)
+        else:
+            al, hl = tl.associative_scan((a, x), 0, _combine)
         r = tl.arange(0, T2)[:, None]
         edge = 0 if REVERSE else T2 - 1
         aseg = tl.sum(tl.where(r == edge, al, 0.0), axis=0)
@@ -182,13 +209,13 @@ if triton is not None:
                              bias, HAS_BIAS, SOFTPLUS, T2)
         rs = _cumsum_tile(dtn, t1, T1, T2, True)
         dtu = dt * u
-        total = tl.sum(tl.sum(dt, axis=1), axis=0)
+        total = tl.sum(tl.sum(dt, axis=0), axis=0)
         bc = (b * G + c // dpg) * N * L
         st = ((b * K + k) * dim + c) * N
         for n in range(0, N):
             A2 = tl.load(A_ptr + c * N + n) * 1.4426950408889634
             Bn = _ld(B_ptr + bc + n * L, t4, L, T2)
-            S = tl.sum(tl.sum(tl.exp2(A2 * rs) * dtu * Bn, axis=1), axis=0)
+            S = tl.sum(tl.sum(tl.exp2(A2 * rs) * dtu * Bn, axis=0), axis=0)
             tl.store(S_ptr + st + n, S)
             tl.store(P_ptr + st + n, tl.exp2(A2 * total))
 
@@ -283,13 +310,13 @@ if triton is not None:
         cum = _cumsum_tile(dt, t1, T1, T2, False)  # sum_{r=s+1..t} delta_r
         dtn, _ = _load_delta(dt_ptr + io + 1, t4, L - 1, offs_t + 1 < L, bias, HAS_BIAS,
                              SOFTPLUS, T2)
-        total = tl.sum(tl.sum(dtn, axis=1), axis=0)
+        total = tl.sum(tl.sum(dtn, axis=0), axis=0)
         bc = (b * G + c // dpg) * N * L
         st = ((b * K + k) * dim + c) * N
         for n in range(0, N):
             A2 = tl.load(A_ptr + c * N + n) * 1.4426950408889634
             Cn = _ld(C_ptr + bc + n * L, t4, L, T2)
-            S = tl.sum(tl.sum(tl.exp2(A2 * cum) * Cn * dy, axis=1), axis=0)
+            S = tl.sum(tl.sum(tl.exp2(A2 * cum) * Cn * dy, axis=0), axis=0)
             tl.store(S_ptr + st + n, S)
             tl.store(P_ptr + st + n, tl.exp2(A2 * total))
 
@@ -339,14 +366,14 @@ if triton is not None:
             gB += g * Bn
             w = g * (h - x)  # g_t exp(delta_t A) h_{t-1}
             wA += A * w
-            tl.store(dA_ptr + st + n, tl.sum(tl.sum(w * dt, axis=1), axis=0))
+            tl.store(dA_ptr + st + n, tl.sum(tl.sum(w * dt, axis=0), axis=0))
         du = dt * gB
         ddt = u * gB + wA
         sk = (b * K + k) * dim + c
         if HAS_D:
             Dv = tl.load(D_ptr + c)
             du += Dv * dy
-            tl.store(dD_ptr + sk, tl.sum(tl.sum(dy * u, axis=1), axis=0))
+            tl.store(dD_ptr + sk, tl.sum(tl.sum(dy * u, axis=0), axis=0))
             if HAS_Z:
                 y += Dv * u
         if HAS_Z:
@@ -357,7 +384,7 @@ if triton is not None:
             ddt = ddt * tl.sigmoid(raw)
         ddt = tl.where(mt, ddt, 0.0)
         if HAS_BIAS:
-            tl.store(dbias_ptr + sk, tl.sum(tl.sum(ddt, axis=1), axis=0))
+            tl.store(dbias_ptr + sk, tl.sum(tl.sum(ddt, axis=0), axis=0))
         _st(du_ptr + io, t4, L, du, T2)
         _st(ddt_ptr + io, t4, L, ddt, T2)
 
@@ -366,14 +393,14 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def _tile(L: int, tile=None) -> tuple[int, int]:
-    """(T2 steps per thread, warps) of a tile of T = T2 x 32 warps steps."""
+def _tile(L: int, tile=None, backward=False) -> tuple[int, int]:
+    """(T2 steps per thread, warps) of a tile of T = T2 x 32 warps steps: one warp (the
+    scan across lanes needs no shared memory), 16 steps per thread forward, 8 backward
+    (registers)."""
     if tile is not None:
         return tile
-    for T2, warps in ((8, 4), (4, 4), (4, 2)):
-        if T2 * 32 * warps <= L:
-            return T2, warps
-    return 4, 1
+    T2 = 8 if backward else 16
+    return (T2, 1) if L > 32 * 8 else (4, 1)
 
 
 def _prep(u, delta, A, B, C, D, z, delta_bias):
@@ -454,7 +481,7 @@ def selective_scan_backward(dout, u, delta, A, B, C, D=None, z=None, delta_bias=
     b, dim, L = u.shape
     N = A.shape[1]
     dout = dout.detach().contiguous()
-    T2, warps = tile = _tile(L, tile)
+    T2, warps = tile = _tile(L, tile, backward=True)
     H = _forward_states(u, delta, A, B4, delta_bias, delta_softplus, G, dpg, tile)
     K = H.shape[1]
     flags = dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
