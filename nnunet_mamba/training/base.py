@@ -176,6 +176,8 @@ class MambaTrainerBase(GPUAugmentationMixin, nnUNetTrainer):
 #: short variants made for every trainer (nnU-Net's naming: ``<Trainer>_1epoch`` ...)
 SHORT_VARIANTS: dict[str, dict[str, Any]] = {
     "1epoch": {"num_epochs": 1},
+    # scripts/bench_nnunet_gpu.sh times the second epoch (torch.compile amortised)
+    "2epochs": {"num_epochs": 2},
     "5epochs": {"num_epochs": 5},
     # a few CPU iterations for tests and CI: 1 epoch of 2 training and 1 validation batches
     "smoke": {"num_epochs": 1, "num_iterations_per_epoch": 2, "num_val_iterations_per_epoch": 1,
