@@ -7,8 +7,8 @@ run batched on the GPU (:mod:`nnunet_mamba.training.gpu_augmentation_trainer`), 
 Mamba trainers. It is the fair counterpart of ``nnUNetTrainer`` when the trainers are
 compared with GPU augmentation, e.g. in ``scripts/bench_nnunet_gpu.sh``. On a CPU device
 (or with ``NNUNET_MAMBA_GPU_AUGMENTATION=0``) it trains exactly like ``nnUNetTrainer``.
-Short variants as for every trainer here: ``nnUNetTrainer_GPUAug_1epoch``, ``_5epochs``,
-``_smoke``, ...
+Short variants as for every trainer here: ``nnUNetTrainer_GPUAug_1epoch``, ``_2epochs``,
+``_5epochs``, ``_smoke``, ...
 """
 from typing import Any, ClassVar
 
@@ -43,3 +43,7 @@ class nnUNetTrainer_GPUAug(GPUAugmentationMixin, nnUNetTrainer):
 
 
 globals().update(short_variants(nnUNetTrainer_GPUAug, __name__))
+if "nnUNetTrainer_GPUAug_2epochs" not in globals():  # the benchmark times the second epoch
+    nnUNetTrainer_GPUAug_2epochs = type("nnUNetTrainer_GPUAug_2epochs", (nnUNetTrainer_GPUAug,), {
+        "hyperparameters": {"num_epochs": 2}, "__module__": __name__,
+        "__doc__": "nnUNetTrainer_GPUAug with {'num_epochs': 2}."})
