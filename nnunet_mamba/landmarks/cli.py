@@ -5,13 +5,15 @@
                             [--model nnmamba|resunet] [--lr 1e-3] [--weight-decay 0]
                             [--flip-pairs LEFT:RIGHT ...] [--device auto]
     nnmamba landmarks predict --model DIR --images DIR --out DIR [--folds K ...]
-                              [--checkpoint final|best] [--device auto]
+                              [--checkpoint final|best] [--format json|slicer|fcsv]
+                              [--device auto]
     nnmamba landmarks evaluate --pred DIR --ref DIR [--out DIR]
     nnmamba landmarks synth OUT --cases N [--seed S]
 
 Dataset layout: DIR/images/<CASE>.nii.gz (any SimpleITK format) and
-DIR/landmarks/<CASE>.json ({"landmarks": {"name": [x, y, z]}}) or <CASE>.csv
-(name,x,y,z), world coordinates in mm (ITK/LPS frame of the image).
+DIR/landmarks/<CASE>.json ({"landmarks": {"name": [x, y, z]}}), <CASE>.csv
+(name,x,y,z), or 3D Slicer markups <CASE>.fcsv / <CASE>.mrk.json (RAS or LPS as their
+header says); world coordinates in mm, turned into the image's ITK/LPS frame.
 """
 from __future__ import annotations
 
