@@ -19,6 +19,7 @@ also available separately for callers that collect problems (``brats2023 convert
 """
 from __future__ import annotations
 
+import errno
 import gzip
 import os
 import stat
@@ -47,11 +48,20 @@ def is_nifti(path) -> bool:
     return str(path).lower().endswith(NIFTI_ENDINGS)
 
 
+def is_symlink_loop(path) -> bool:
+    """True if resolving ``path`` fails with ELOOP (a link that leads back to itself)."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        return e.errno == errno.ELOOP
+    return False
+
+
 def _check_regular_file(path: Path) -> None:
     try:
         st = os.stat(path)
     except OSError as e:
-        if e.errno == 40:  # ELOOP
+        if e.errno == errno.ELOOP:
             raise ImageError(path, "missing", "symlink loop (the link points back to itself)",
                              "replace the link by the image file or a link to it") from None
         raise ImageError(path, "missing", f"cannot be opened ({e.strerror or e})",

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import ast
 import csv
-import gzip
 import json
 import os
 import subprocess

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..imaging import ImageError, read_image
+from ..imaging import ImageError, is_symlink_loop, read_image
 from ..safe_io import remove_stale, write_json
 from .layout import (
     CHANNEL_ORDER,
@@ -100,7 +100,7 @@ def find_case_folders(src: str | Path) -> tuple[list[Path], list[CaseProblem]]:
     """
     src = Path(src)
     if not src.is_dir():
-        what = "is a symlink loop" if src.is_symlink() and not src.exists() and _loops(src) else "is not a folder"
+        what = "is a symlink loop" if is_symlink_loop(src) else "is not a folder"
         raise UserError(f"{src} {what}; pass the folder holding the BraTS-GLI-XXXXX-XXX case folders")
     cases, problems = [], []
     for entry in sorted(os.scandir(src), key=lambda e: e.name):
@@ -129,14 +129,6 @@ def find_case_folders(src: str | Path) -> tuple[list[Path], list[CaseProblem]]:
         hint = f"; did you mean {inner[0]}?" if inner else ""
         raise UserError(f"no BraTS case folders (BraTS-GLI-XXXXX-XXX/) in {src}{hint}")
     return cases, problems
-
-
-def _loops(path: Path) -> bool:
-    try:
-        os.stat(path)
-    except OSError as e:
-        return e.errno == 40  # ELOOP
-    return False
 
 
 def _geometry(image):
@@ -185,13 +177,9 @@ def validate_case(case_dir: str | Path) -> list[CaseProblem]:
         try:
             image = read_image(path)
         except ImageError as e:
-            fix = e.fix
-            if e.kind == "nonfinite" and suffix == SEG:
-                fix = "re-export the segmentation with integer labels 0-3 only"
-            elif e.kind in ("unreadable", "truncated"):
-                fix = "re-download / re-extract the file (it is corrupt, incomplete or not NIfTI)"
-            elif e.kind == "not-3d":
-                fix = "replace it with the 3D volume from the BraTS release"
+            fix = {"nonfinite": "re-export the segmentation with integer labels 0-3 only" if suffix == SEG else e.fix,
+                   "not-3d": "replace it with the 3D volume from the BraTS release", "missing": e.fix}.get(
+                e.kind, "re-download / re-extract the file (it is corrupt, incomplete or not NIfTI)")
             problems.append(CaseProblem(case, str(path), e.problem, fix))
             continue
         images[suffix] = image
