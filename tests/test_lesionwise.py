@@ -172,6 +172,15 @@ def test_one_mm_conventions_ignore_the_spacing():
     assert by_convention == pytest.approx({"brats2023": 10.0, "nnunet-v1": 5.0, "segmamba": 5.0, "monai": 10.0})
 
 
+def test_pooled_equals_medpy_where_installed():
+    binary = pytest.importorskip("medpy.metric.binary")  # not a dependency; the definition's origin
+    rng = np.random.default_rng(3)
+    for spacing in ((1.0, 1.0, 1.0), (2.5, 0.7, 1.2)):
+        a = ndimage.binary_dilation(rng.random((18, 20, 22)) < 0.01, iterations=2)
+        b = ndimage.binary_dilation(rng.random((18, 20, 22)) < 0.01, iterations=2)
+        assert hd95(a, b, spacing, "pooled") == binary.hd95(a, b, voxelspacing=spacing)
+
+
 def test_hd95_of_a_shifted_cube_is_the_shift_under_every_definition():
     spacing = (2.5, 1.1, 0.8)
     ref = _cube(np.zeros((20, 20, 20), bool), (4, 4, 4), (8, 8, 8))
