@@ -2,24 +2,31 @@
 # Benchmark through the real nnU-Net commands on a GPU machine (not a test; CI never runs it).
 #
 # Synthetic BraTS 2023 cases at the real grid (240 x 240 x 155, 4 modalities), converted with
-# `nnmamba brats2023 convert`, planned and preprocessed by nnU-Net, then ONE epoch (nnU-Net's
-# 250 iterations, plus its final validation) of each trainer given as arguments, and the
-# prediction of one held-out case with `nnUNetv2_predict`. Prints the epoch time, the peak GPU
-# memory seen by nvidia-smi and the prediction time per trainer; the epoch time x the
+# `nnmamba brats2023 convert`, planned and preprocessed by nnU-Net, then TWO epochs (nnU-Net's
+# 250 iterations each, plus its final validation) of each trainer given as arguments, at
+# nnU-Net's defaults: torch.compile on unless the caller sets nnUNet_compile. Prints per
+# trainer the SECOND epoch's time (compilation amortised; the first one too), the peak GPU
+# memory seen by nvidia-smi, the graph breaks and recompiles Dynamo logged
+# (TORCH_LOGS=graph_breaks,recompiles; one recompile for the first validation, eval mode +
+# no_grad, is expected) and `torch._dynamo hit config.recompile_limit` warnings, and the
+# prediction time of one held-out case with `nnUNetv2_predict`. The second epoch's time x the
 # trainer's epochs gives the length of a full BraTS training on this GPU.
 #
 #   bash scripts/bench_nnunet_gpu.sh WORKDIR [CASES] [TRAINER ...]
+#   (default trainers: nnUNetTrainer_2epochs nnMambaTrainer_2epochs;
+#    nnUNet_compile=false bash scripts/bench_nnunet_gpu.sh ... for the eager runs)
 set -euo pipefail
 WORK=${1:?usage: bench_nnunet_gpu.sh WORKDIR [CASES] [TRAINER ...]}
 CASES=${2:-10}
 shift $(( $# >= 2 ? 2 : 1 ))
 TRAINERS=("$@")
-[ ${#TRAINERS[@]} -gt 0 ] || TRAINERS=(nnUNetTrainer_1epoch nnMambaTrainer_1epoch)
+[ ${#TRAINERS[@]} -gt 0 ] || TRAINERS=(nnUNetTrainer_2epochs nnMambaTrainer_2epochs)
 PY=${PYTHON:-python3}
 mkdir -p "$WORK"
 WORK=$(cd "$WORK" && pwd)
 export nnUNet_raw=$WORK/raw nnUNet_preprocessed=$WORK/preprocessed nnUNet_results=$WORK/results
-export nnUNet_compile=${nnUNet_compile:-false}
+# nnUNet_compile: left as the caller has it (unset = nnU-Net's default, compile on CUDA)
+echo "nnUNet_compile=${nnUNet_compile-<unset: nnU-Net default>}"
 ID=${DATASET_ID:-923}
 SHAPE=${SHAPE:-240 240 155}          # smaller for a dry run on a CPU
 DEVICE=${DEVICE:-cuda}
@@ -51,14 +58,20 @@ for TR in "${TRAINERS[@]}"; do
   fi
   SMI=$!
   t0=$(date +%s)
-  nnunet nnunetv2.run.run_training run_training_entry "$ID" 3d_fullres 0 -tr "$TR" -device "$DEVICE" > "$LOG" 2>&1 || { tail -40 "$LOG"; kill $SMI; exit 1; }
+  TORCH_LOGS=${TORCH_LOGS:-graph_breaks,recompiles} \
+    nnunet nnunetv2.run.run_training run_training_entry "$ID" 3d_fullres 0 -tr "$TR" -device "$DEVICE" > "$LOG" 2>&1 || { tail -40 "$LOG"; kill $SMI; exit 1; }
   t_train=$(( $(date +%s) - t0 ))
   kill $SMI || true
   t0=$(date +%s)
   nnunet nnunetv2.inference.predict_from_raw_data predict_entry_point -i "$WORK/one_case" -o "$WORK/pred_$TR" -d "$ID" \
       -c 3d_fullres -f 0 -tr "$TR" -device "$DEVICE" > "$WORK/predict_$TR.log" 2>&1 || { tail -40 "$WORK/predict_$TR.log"; exit 1; }
   t_pred=$(( $(date +%s) - t0 ))
-  epoch=$(grep -o "Epoch time: [0-9.]* s" "$LOG" | tail -1)
+  epochs=$(grep -o "Epoch time: [0-9.]* s" "$LOG" | sed 's/Epoch time: //' | tr '\n' ' ' || true)
+  first=$(echo "$epochs" | awk '{print $1}')
+  second=$(echo "$epochs" | awk '{print $3}')
   peak=$(sort -n "$WORK/mem_$TR.txt" | tail -1)
-  echo "RESULT $TR: ${epoch:-no epoch time} | train command incl. validation ${t_train} s | peak GPU memory ${peak} MiB (nvidia-smi) | nnUNetv2_predict one 240x240x155 case (incl. start-up, 8x mirroring) ${t_pred} s"
+  breaks=$(grep -c "Graph break" "$LOG" || true)
+  recompiles=$(grep -c "Recompiling function" "$LOG" || true)
+  limit=$(grep -c "recompile_limit" "$LOG" || true)
+  echo "RESULT $TR (nnUNet_compile=${nnUNet_compile-default}): second epoch ${second:-?} s (first ${first:-?} s) | train command incl. validation ${t_train} s | peak GPU memory ${peak} MiB (nvidia-smi) | graph breaks ${breaks}, recompiles ${recompiles}, recompile_limit warnings ${limit} | nnUNetv2_predict one 240x240x155 case (incl. start-up, 8x mirroring) ${t_pred} s"
 done
