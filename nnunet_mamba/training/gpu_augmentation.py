@@ -307,3 +307,39 @@ class GPUAugmentation:
         for step, prm in zip(self.steps, params):
             img, seg = step.apply(img, seg, prm)
         return img.contiguous(), seg
+
+
+def benchmark(patch=(128, 160, 112), channels: int = 4, batch: int = 2, labels=(0, 1, 2, 3),
+              iterations: int = 50, device: str = "cuda") -> dict:
+    """Time nnU-Net's 3D pipeline (BraTS-like: regions, mask, deep supervision) per batch on
+    ``device``; the batches are random crops of nnU-Net's enlarged initial patch."""
+    from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    import time
+
+    rot = (-30 / 360 * 2 * np.pi, 30 / 360 * 2 * np.pi)
+    ds = [[1.0] * 3] + [[0.5 ** i] * 3 for i in range(1, 4)]
+    cpu = nnUNetTrainer.get_training_transforms(
+        patch, rot, ds, (0, 1, 2), False, use_mask_for_norm=[True] * channels, is_cascaded=False,
+        foreground_labels=list(labels[1:]), regions=[tuple(labels[1:]), tuple(labels[2:]), (labels[-1],)])
+    aug = GPUAugmentation.from_nnunet(cpu, labels, 3)
+    initial = tuple(int(i) for i in get_patch_size(patch, rot, rot, rot, (0.85, 1.25)))
+    dev = torch.device(device)
+    data = torch.randn((batch, channels, *initial), device=dev)
+    seg = torch.randint(-1, len(labels), (batch, 1, *initial), device=dev, dtype=torch.int16)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    for _ in range(3):
+        aug(data.clone(), seg.clone())
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(iterations):
+        aug(data.clone(), seg.clone())
+    sync()
+    ms = (time.perf_counter() - t0) / iterations * 1e3
+    return {"patch": patch, "initial_patch": initial, "batch": batch, "channels": channels,
+            "ms_per_batch": ms, "device": str(dev)}
+
+
+if __name__ == "__main__":  # python -m nnunet_mamba.training.gpu_augmentation [cuda|cpu]
+    import sys
+    print(benchmark(device=sys.argv[1] if len(sys.argv) > 1 else "cuda"))
