@@ -13,6 +13,8 @@
 # trainer's epochs gives the length of a full BraTS training on this GPU.
 #
 #   bash scripts/bench_nnunet_gpu.sh WORKDIR [CASES] [TRAINER ...]
+#   SKIP_PREP=1 reuses WORKDIR's preprocessed dataset; PREDICT=0 skips the prediction timing;
+#   nnUNet_n_proc_DA=4 sets nnU-Net's number of augmentation workers (default 12).
 #   (default trainers: nnUNetTrainer_2epochs nnMambaTrainer_2epochs;
 #    nnUNet_compile=false bash scripts/bench_nnunet_gpu.sh ... for the eager runs)
 set -euo pipefail
@@ -33,6 +35,9 @@ DEVICE=${DEVICE:-cuda}
 # nnU-Net's console entry points, callable where only the modules are installed
 nnunet() { local mod=$1 fn=$2; shift 2; $PY -c "import sys; from $mod import $fn as f; sys.argv[0] = '$fn'; sys.exit(f())" "$@"; }
 
+if [ "${SKIP_PREP:-0}" = 1 ] && [ -d "$nnUNet_preprocessed/Dataset${ID}_BraTSBench" ]; then
+  echo "SKIP_PREP=1: reusing $nnUNet_preprocessed/Dataset${ID}_BraTSBench"
+else
 t0=$(date +%s)
 $PY -m nnunet_mamba.cli brats2023 synth "$WORK/brats_src" --cases "$CASES" --shape $SHAPE --overwrite
 $PY -m nnunet_mamba.cli brats2023 convert "$WORK/brats_src" -d "$ID" --name BraTSBench --overwrite
@@ -44,6 +49,7 @@ $PY - <<EOF
 import json; p = json.load(open("$nnUNet_preprocessed/Dataset${ID}_BraTSBench/nnUNetPlans.json"))
 c = p["configurations"]["3d_fullres"]; print("plans 3d_fullres: patch", c["patch_size"], "batch", c["batch_size"])
 EOF
+fi
 
 TEST_IMG=$(ls "$nnUNet_raw/Dataset${ID}_BraTSBench/imagesTs/" | head -1 | sed 's/_0000.nii.gz//')
 mkdir -p "$WORK/one_case"
@@ -63,6 +69,7 @@ for TR in "${TRAINERS[@]}"; do
   t_train=$(( $(date +%s) - t0 ))
   kill $SMI || true
   t0=$(date +%s)
+  [ "${PREDICT:-1}" != 1 ] || \
   nnunet nnunetv2.inference.predict_from_raw_data predict_entry_point -i "$WORK/one_case" -o "$WORK/pred_$TR" -d "$ID" \
       -c 3d_fullres -f 0 -tr "$TR" -device "$DEVICE" > "$WORK/predict_$TR.log" 2>&1 || { tail -40 "$WORK/predict_$TR.log"; exit 1; }
   t_pred=$(( $(date +%s) - t0 ))
