@@ -40,6 +40,8 @@ except Exception as e:  # triton missing (CPU-only wheels, macOS) or broken
     _IMPORT_ERROR = f"{type(e).__name__}: {e}"
 
 LOG2E = 1.4426950408889634
+#: benchmarks only: tile shapes "T2,warps,T2,warps" (forward, backward) instead of the defaults
+TILE_ENV = "NNUNET_MAMBA_TRITON_TILES"
 
 
 def _interpreting() -> bool:
@@ -192,8 +194,9 @@ if triton is not None:
                       T1: tl.constexpr, T2: tl.constexpr):
         """Tile k of channel c from a zero state: S = end state, P = exp(A sum delta),
         both (b, K, d, N). S = sum_t exp(A sum_{r>t} delta_r) delta_t u_t B_t (no scan)."""
-        k = tl.program_id(0)
-        c = tl.program_id(1)
+        # channels vary fastest: the programs in flight share B, C and dB, dC tiles in L2
+        c = tl.program_id(0)
+        k = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
         t1 = tl.arange(0, T1)
         tt = t1[None, :] * T2 + tl.arange(0, T2)[:, None]
@@ -250,8 +253,9 @@ if triton is not None:
                     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr,
                     HAS_Z: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr):
         """Tile k of channel c re-scanned from its carry H_{k-1}, one state at a time."""
-        k = tl.program_id(0)
-        c = tl.program_id(1)
+        # channels vary fastest: the programs in flight share B, C and dB, dC tiles in L2
+        c = tl.program_id(0)
+        k = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
         t1 = tl.arange(0, T1)
         offs_t = k * (T1 * T2) + t1[None, :] * T2 + tl.arange(0, T2)[:, None]
@@ -295,8 +299,9 @@ if triton is not None:
                           T1: tl.constexpr, T2: tl.constexpr):
         """Adjoint of tile k from zero beyond it: S = g at the tile's first step s,
         P = exp(A sum_{r=s+1..e} delta_r) (e: the next tile's first step)."""
-        k = tl.program_id(0)
-        c = tl.program_id(1)
+        # channels vary fastest: the programs in flight share B, C and dB, dC tiles in L2
+        c = tl.program_id(0)
+        k = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
         t1 = tl.arange(0, T1)
         tt = t1[None, :] * T2 + tl.arange(0, T2)[:, None]
@@ -329,8 +334,9 @@ if triton is not None:
                     HAS_Z: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr):
         """Tile k of channel c: per state, h by a forward scan from H_{k-1} and the adjoint
         g by a reverse scan from G_{k+1}; dA/dD/dbias as per-tile partial sums."""
-        k = tl.program_id(0)
-        c = tl.program_id(1)
+        # channels vary fastest: the programs in flight share B, C and dB, dC tiles in L2
+        c = tl.program_id(0)
+        k = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
         t1 = tl.arange(0, T1)
         offs_t = k * (T1 * T2) + t1[None, :] * T2 + tl.arange(0, T2)[:, None]
@@ -399,6 +405,10 @@ def _tile(L: int, tile=None, backward=False) -> tuple[int, int]:
     (registers)."""
     if tile is not None:
         return tile
+    env = os.environ.get(TILE_ENV, "").split(",")
+    if len(env) == 4:  # for benchmarks: "T2,warps,T2,warps" (forward, backward)
+        T2, warps = int(env[2 * backward]), int(env[2 * backward + 1])
+        return (T2, warps) if L > 32 * T2 * warps // 2 else (4, 1)
     T2 = 8 if backward else 16
     return (T2, 1) if L > 32 * 8 else (4, 1)
 
@@ -435,10 +445,13 @@ def _forward_states(u, delta, A, B4, delta_bias, delta_softplus, G, dpg, tile):
     N = A.shape[1]
     T2, warps = tile
     K = triton.cdiv(L, T2 * 32 * warps)
+    if K > 65535 or dim > 2**31 - 1 or b > 65535:
+        raise ValueError(f"sequence too long for the Triton scan: {K} tiles of {T2 * 32 * warps} "
+                         "steps (at most 65535); use backend='torch' or 'mamba_ssm'")
     S = torch.empty(b, K, dim, N, device=u.device, dtype=torch.float32)
     P = torch.empty_like(S)
     bias = delta_bias if delta_bias is not None else A
-    _state_kernel[(K, dim, b)](u, delta, bias, A, B4, S, P, dim, L, N, K, G, dpg,
+    _state_kernel[(dim, K, b)](u, delta, bias, A, B4, S, P, dim, L, N, K, G, dpg,
                                HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
                                T1=32 * warps, T2=T2, num_warps=warps)
     _chain(S, P, reverse=False)
@@ -461,7 +474,7 @@ def selective_scan_forward(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     K = H.shape[1]
     out = torch.empty_like(u)
     dummy = A
-    _fwd_kernel[(K, dim, b)](
+    _fwd_kernel[(dim, K, b)](
         u, delta, dummy if delta_bias is None else delta_bias, A, B4, C4,
         dummy if D is None else D, u if z is None else z, H, out, dim, L, N, K, G, dpg,
         HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), HAS_D=D is not None,
@@ -491,7 +504,7 @@ def selective_scan_backward(dout, u, delta, A, B, C, D=None, z=None, delta_bias=
     zz = u if z is None else z
     Gs = torch.empty_like(H)
     Pg = torch.empty_like(H)
-    grid = (K, dim, b)
+    grid = (dim, K, b)
     _bwd_state_kernel[grid](dout, zz, delta, bias, A, C4, Gs, Pg, dim, L, N, K, G, dpg,
                             **flags)
     _chain(Gs, Pg, reverse=True)
