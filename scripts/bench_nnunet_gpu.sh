@@ -33,6 +33,8 @@ ID=${DATASET_ID:-923}
 SHAPE=${SHAPE:-240 240 155}          # smaller for a dry run on a CPU
 DEVICE=${DEVICE:-cuda}
 # nnU-Net's console entry points, callable where only the modules are installed
+# busy CPU jiffies of the whole machine (user+nice+system+irq+softirq), for average cores used
+busy_jiffies() { awk '/^cpu /{print $2+$3+$4+$7+$8}' /proc/stat; }
 nnunet() { local mod=$1 fn=$2; shift 2; $PY -c "import sys; from $mod import $fn as f; sys.argv[0] = '$fn'; sys.exit(f())" "$@"; }
 
 if [ "${SKIP_PREP:-0}" = 1 ] && [ -d "$nnUNet_preprocessed/Dataset${ID}_BraTSBench" ]; then
@@ -63,10 +65,11 @@ for TR in "${TRAINERS[@]}"; do
     sleep 100000 > "$WORK/mem_$TR.txt" &
   fi
   SMI=$!
-  t0=$(date +%s)
+  t0=$(date +%s); j0=$(busy_jiffies)
   TORCH_LOGS=${TORCH_LOGS:-graph_breaks,recompiles} \
     nnunet nnunetv2.run.run_training run_training_entry "$ID" 3d_fullres 0 -tr "$TR" -device "$DEVICE" > "$LOG" 2>&1 || { tail -40 "$LOG"; kill $SMI; exit 1; }
   t_train=$(( $(date +%s) - t0 ))
+  cores=$(awk -v j="$(( $(busy_jiffies) - j0 ))" -v t="$t_train" -v hz="$(getconf CLK_TCK)" 'BEGIN{printf "%.1f", j/hz/(t>0?t:1)}')
   kill $SMI || true
   t0=$(date +%s)
   [ "${PREDICT:-1}" != 1 ] || \
@@ -80,5 +83,5 @@ for TR in "${TRAINERS[@]}"; do
   breaks=$(grep -c "Graph break" "$LOG" || true)
   recompiles=$(grep -c "Recompiling function" "$LOG" || true)
   limit=$(grep -c "recompile_limit" "$LOG" || true)
-  echo "RESULT $TR (nnUNet_compile=${nnUNet_compile-default}): second epoch ${second:-?} s (first ${first:-?} s) | train command incl. validation ${t_train} s | peak GPU memory ${peak} MiB (nvidia-smi) | graph breaks ${breaks}, recompiles ${recompiles}, recompile_limit warnings ${limit} | nnUNetv2_predict one 240x240x155 case (incl. start-up, 8x mirroring) ${t_pred} s"
+  echo "RESULT $TR (nnUNet_compile=${nnUNet_compile-default}): second epoch ${second:-?} s (first ${first:-?} s) | train command incl. validation ${t_train} s | peak GPU memory ${peak} MiB (nvidia-smi) | CPU cores busy on average ${cores} (workers ${nnUNet_n_proc_DA:-12}) | graph breaks ${breaks}, recompiles ${recompiles}, recompile_limit warnings ${limit} | nnUNetv2_predict one 240x240x155 case (incl. start-up, 8x mirroring) ${t_pred} s"
 done
