@@ -75,7 +75,7 @@ def result(work: Path, mode: str, args, fold: int) -> dict:
             "train_loss_last": float(log["train_losses"][-1]),
             "validation_dice": float(summary["foreground_mean"]["Dice"]),
             "epoch_time_s": float(np.mean(epoch_times[1:] or epoch_times)),
-            "augmentation_log": gpu_line[-1].split(": ", 1)[-1] if gpu_line else "?"}
+            "augmentation_log": gpu_line[-1].split(": ", 1)[-1].strip() if gpu_line else "?"}
 
 
 def main(argv=None) -> int:

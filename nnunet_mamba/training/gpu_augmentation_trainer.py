@@ -103,7 +103,7 @@ class GPUAugmentationMixin:
             self.print_to_log_file(f"GPU augmentation off: {reason}")
             return super().get_dataloaders()
         built = {}
-        nnunet_transforms = type(self).get_training_transforms  # nnU-Net's static method
+        nnunet_transforms = self.get_training_transforms  # nnU-Net's (static) method, or a subclass's
 
         def translate(patch_size, *args, **kwargs):
             transforms = nnunet_transforms(patch_size, *args, **kwargs)
