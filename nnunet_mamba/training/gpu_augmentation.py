@@ -303,7 +303,7 @@ class GPUAugmentation:
         if not self._checked:
             self._check_labels(target)
         params = self.sample(data.shape[0], data.shape[1]) if params is None else params
-        img, seg = data.float(), target
+        img, seg = data.float().contiguous(), target.contiguous()
         for step, prm in zip(self.steps, params):
             img, seg = step.apply(img, seg, prm)
         return img.contiguous(), seg

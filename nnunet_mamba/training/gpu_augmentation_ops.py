@@ -169,7 +169,8 @@ def gaussian_kernel(sigma: float, truncate: float = 6.0) -> torch.Tensor:
 def gaussian_blur(img: torch.Tensor, sigmas: np.ndarray) -> torch.Tensor:
     """Separable Gaussian blur, axis by axis with reflect padding (GaussianBlurTransform).
 
-    sigmas ``(B, C, dim)``; rows whose sigmas are all 0 are left untouched.
+    sigmas ``(B, C, dim)``; rows whose sigmas are all 0 are left untouched. The taps are
+    summed explicitly (float32 everywhere; a cuDNN convolution could run in TF32).
     """
     sigmas = np.asarray(sigmas, dtype=np.float64)
     flat, sel, idx = _rows(img, (sigmas > 0).any(-1))
@@ -177,7 +178,6 @@ def gaussian_blur(img: torch.Tensor, sigmas: np.ndarray) -> torch.Tensor:
         return img
     dim = img.ndim - 2
     x = flat[sel][None]  # (1, N, *spatial)
-    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[dim]
     rows = sigmas.reshape(-1, dim)[idx]
     for d in range(dim):
         kernels = [gaussian_kernel(s) if s > 0 else torch.ones(1) for s in rows[:, d]]
@@ -186,12 +186,14 @@ def gaussian_blur(img: torch.Tensor, sigmas: np.ndarray) -> torch.Tensor:
         for i, t in enumerate(kernels):
             off = (k - len(t)) // 2
             weight[i, off:off + len(t)] = t
-        shape = [len(kernels), 1] + [1] * dim
-        shape[2 + d] = k
+        weight = to_device(weight, img.device, img.dtype).view(1, len(kernels), k, *[1] * dim)
         pad = [0] * (2 * dim)
         pad[2 * (dim - 1 - d)] = pad[2 * (dim - 1 - d) + 1] = k // 2
-        x = conv(F.pad(x, pad, mode="reflect"), to_device(weight.view(shape), img.device, img.dtype),
-                 groups=len(kernels))
+        xp = F.pad(x, pad, mode="reflect")
+        out = torch.zeros_like(x)
+        for j in range(k):
+            out += xp.narrow(2 + d, j, x.shape[2 + d]) * weight[:, :, j]
+        x = out
     flat.index_copy_(0, sel, x[0])
     return img
 
