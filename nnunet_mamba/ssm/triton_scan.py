@@ -6,27 +6,29 @@ Same maths as :func:`nnunet_mamba.ssm.selective_scan`::
     h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t       h_0 = 0, state kept in float32
     out_t = (<C_t, h_t> + D u_t) * silu(z_t)              (D and the gate optional)
 
-Built for 3D images: very long sequences (32^3-64^3) and few channels, so the work is
-split over batch x channel blocks x *sequence tiles* of T steps, a chunked scan:
+Built for 3D images, i.e. very long sequences (32^3-64^3) and few channels: besides batch
+and channel the work is split over *tiles* of T = T2 x 32 steps of the sequence (one
+warp; T2 = 16 forward, 8 backward), a chunked scan in three passes:
 
-1. ``_state_kernel`` (one program per tile): the tile's end state from a zero start and
-   its total decay exp(A sum delta), as plain sums (no scan):
-   S = sum_t exp(A sum_{r>t} delta_r) delta_t B_t u_t.
-2. ``_carry_kernel``: chains the tile states, H_k = S_k + P_k H_{k-1}, with an
-   associative scan over blocks of tiles (sequential over the blocks, cheap).
-3. ``_fwd_kernel`` (one program per tile): re-scans the tile from its carry H_{k-1}
-   (``tl.associative_scan`` along time over a (channels, N, T) tile) and writes out.
+1. ``_state_kernel``: each tile's end state from a zero start and its decay, as sums
+   (no scan): S = sum_t exp(A sum_{r>t} delta_r) delta_t B_t u_t, P = exp(A sum delta).
+2. ``_carry_kernel``: chains the tiles, H_k = S_k + P_k H_{k-1}, by associative scans
+   over blocks of tiles (b, K, d x N: small).
+3. ``_fwd_kernel``: re-scans each tile from H_{k-1}, one state n at a time: every thread
+   scans its T2 consecutive steps in registers, the 32 segment totals are scanned across
+   the lanes, and y += C_n h_n; then D and the gate.
 
 The backward pass recomputes: passes 1-2 give the forward carries, passes 1-2 in reverse
-time give the adjoint carries (g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}), and one
-kernel per tile rebuilds h and g by two scans and writes du, ddelta, dz; dA, dD,
-ddelta_bias, dB and dC are summed with float32 atomics. Nothing but the inputs is kept
-between forward and backward. Runs on CUDA, and on CPU tensors under
+time the adjoint carries (g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}), and
+``_bwd_kernel`` rebuilds h and g of each tile by a forward and a reverse scan per state
+and writes du, ddelta, dz; dB and dC are float32 atomic sums over the channels (as in
+mamba-ssm), dA, dD and ddelta_bias per-tile partial sums. Nothing but the inputs is kept
+between forward and backward. Channels vary fastest in the grid, so the programs in
+flight share their B, C, dB and dC tiles in L2. Runs on CUDA, and on CPU tensors under
 ``TRITON_INTERPRET=1`` (Triton's interpreter, for tests).
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
