@@ -56,7 +56,9 @@ def affine_grid(affines: torch.Tensor, in_shape: Sequence[int], out_shape: Seque
     dev = affines.device
     axes = [torch.linspace((1 - s) / 2, (s - 1) / 2, s, device=dev) for s in out_shape]
     base = torch.stack(torch.meshgrid(axes, indexing="ij"), -1)  # (*out, d)
-    grid = torch.einsum("...j,nij->n...i", base, affines.to(torch.float32))
+    a = affines.to(torch.float32).view(affines.shape[0], *[1] * len(out_shape), *affines.shape[1:])
+    # elementwise products, not a matmul: float32 even where matmuls are allowed to use TF32
+    grid = (base[None, ..., None, :] * a).sum(-1)  # (n, *out, d): affines @ offset per voxel
     for d, s in enumerate(in_shape):  # python scalars: no host-to-device copy
         grid[..., d] /= s / 2
     return grid.flip(-1)
