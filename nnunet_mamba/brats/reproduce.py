@@ -51,7 +51,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
-from .baselines import PLANNERS, TrainerSpec, parse_trainer_spec, parse_trainer_specs
+from .baselines import PLANNERS, parse_trainer_spec, parse_trainer_specs
 from .convert import DEFAULT_SEED, N_FOLDS, PAPER_FOLD, PAPER_FRACTIONS, _check_dataset_id_free, split_cases
 from .layout import CHANNEL_ORDER, FILE_ENDING, REGIONS, REGIONS_CLASS_ORDER
 
