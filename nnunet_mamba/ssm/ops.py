@@ -102,7 +102,8 @@ def _core_bwd(core, dout, dlast, u, delta, A, B, C, D, z, delta_bias, softplus, 
             z_ = z.to(work)
             dz = torch.ops.aten.silu_backward(dy * pre, z_)
             dy = dy * F.silu(z_)
-        dD = (dy * u_).sum((0, 2)) if D is not None else None
+            del z_
+        dD = torch.einsum("bdl,bdl->d", dy, u_) if D is not None else None
         groups = _groups(B_, C_, u.shape[1])
         if groups is None:
             du, ddelta, dA, dB, dC = core.backward(u_, delta_, A_, B_, C_, saved, dy, dlast)
@@ -116,8 +117,10 @@ def _core_bwd(core, dout, dlast, u, delta, A, B, C, D, z, delta_bias, softplus, 
             dB, dC = torch.stack([p[3] for p in parts], 1), torch.stack([p[4] for p in parts], 1)
             dB = dB if B.dim() == 4 else dB.sum(1)
             dC = dC if C.dim() == 4 else dC.sum(1)
+        del delta_
         if D is not None:
-            du = torch.addcmul(du, dy, D.to(work)[:, None])
+            du = du.addcmul_(dy, D.to(work)[:, None])  # du is the core's fresh tensor
+        del dy
         if softplus:
             ddelta = torch.ops.aten.softplus_backward(ddelta, dp, 1.0, 20.0)
         ddb = ddelta.sum((0, 2)) if delta_bias is not None else None
