@@ -104,6 +104,53 @@ def brats_plans(patch=(128, 128, 128)) -> dict:
     }
 
 
+#: nnU-Net's configurations, in the order nnUNetv2_plan_and_preprocess makes them
+CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
+
+
+def configuration_plans(patch=(128, 128, 128)) -> dict:
+    """:func:`brats_plans` with all four configurations: ``2d`` (patch = the last two axes,
+    nnU-Net's 2D U-Net with 2D ops), ``3d_lowres`` (half the resolution) and
+    ``3d_cascade_fullres`` (3d_fullres with the low-resolution segmentation as extra input)."""
+    import copy
+
+    plans = brats_plans(patch)
+    full = plans["configurations"]["3d_fullres"]
+    two_d = copy.deepcopy(full)
+    arch = two_d["architecture"]["arch_kwargs"]
+    n = arch["n_stages"]
+    arch.update(conv_op="torch.nn.modules.conv.Conv2d", kernel_sizes=[[3, 3]] * n,
+                strides=[[1, 1]] + [[2, 2]] * (n - 1),
+                norm_op="torch.nn.modules.instancenorm.InstanceNorm2d")
+    two_d.update(data_identifier="nnUNetPlans_2d", patch_size=list(patch[1:]), batch_size=12,
+                 spacing=full["spacing"][1:], median_image_size_in_voxels=full["median_image_size_in_voxels"][1:])
+    low = copy.deepcopy(full)
+    low.update(data_identifier="nnUNetPlans_3d_lowres", spacing=[2 * s for s in full["spacing"]],
+               next_stage="3d_cascade_fullres")
+    plans["configurations"].update({
+        "2d": two_d, "3d_lowres": low,
+        "3d_cascade_fullres": {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}})
+    return plans
+
+
+def supported_configurations(trainer: type, patch=(128, 128, 128)) -> list[str]:
+    """The configurations whose network ``trainer`` builds (on the meta device: shapes only)."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    pm = PlansManager(configuration_plans(patch))
+    out = []
+    for name in CONFIGURATIONS:
+        cm = pm.get_configuration(name)
+        n_in = 4 + (3 if name == "3d_cascade_fullres" else 0)  # + the previous stage's labels
+        try:
+            with torch.device("meta"):
+                trainer.build_network_architecture(pm, cm, n_in, 3, enable_deep_supervision=False)
+        except (ValueError, NotImplementedError):
+            continue
+        out.append(name)
+    return out
+
+
 def our_trainers() -> list[type]:
     """Base trainer classes defined in our trainer modules (short variants left out)."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -125,11 +172,12 @@ def trainers_table(patch=(128, 128, 128)) -> str:
 
     pm = PlansManager(brats_plans(patch))
     cm = pm.get_configuration("3d_fullres")
-    rows = ["| trainer | network | params | GMACs |", "|---|---|---|---|"]
+    rows = ["| trainer | network | params | GMACs | configurations |", "|---|---|---|---|---|"]
     for cls in [nnUNetTrainer, *our_trainers()]:
         net = cls.build_network_architecture(pm, cm, 4, 3, enable_deep_supervision=False)
         params = count_params(net)
         macs = count_macs(net, (1, 4, *patch))
+        configs = ", ".join(supported_configurations(cls, patch))
         rows.append(f"| `{cls.__name__}` | `{type(net).__name__}` | {params / 1e6:.2f} M | "
-                    f"{macs / 1e9:.1f} |")
+                    f"{macs / 1e9:.1f} | {configs} |")
     return "\n".join(rows)

@@ -6,7 +6,9 @@ nnU-Net's data pipeline, augmentation, splits and inference like every other tra
 - Network: ``monai.networks.nets.UNETR`` with MONAI's defaults (ViT-B/16 encoder: hidden
   size 768, 12 layers, 12 heads, MLP 3072, 16^3 patches; feature size 16, instance norm,
   residual blocks), ``img_size`` = the configuration's patch size, which must therefore be
-  divisible by 16 along every axis.
+  divisible by 16 along every axis; ``spatial_dims`` from the configuration, so the ``2d``
+  configuration trains a 2D UNETR (16x16 patches) and 3d_fullres / 3d_lowres /
+  3d_cascade_fullres the paper's 3D one.
 - No deep supervision: UNETR has one output at full resolution, so the loss is nnU-Net's
   plain region / class loss without ``DeepSupervisionWrapper`` and the data loaders make no
   down-sampled targets (as nnU-Net's ``nnUNetTrainerNoDeepSupervision`` does).

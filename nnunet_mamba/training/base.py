@@ -24,6 +24,7 @@ the trainer, the configuration and the alternatives.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 from typing import Any, ClassVar, Optional
 
@@ -133,6 +134,65 @@ class MambaTrainerBase(GPUAugmentationMixin, nnUNetTrainer):
                 f"{e}. Alternatives: another configuration of these plans (nnUNetv2_train ... "
                 f"<configuration> -tr {type(self).__name__}), or a trainer that builds any plans' "
                 "U-Net, e.g. UMambaBotTrainer or nnU-Net's nnUNetTrainer") from None
+
+    # ---- BatchNorm statistics (nnMamba) -------------------------------------------------
+    #: training iterations below which BatchNorm statistics are re-estimated before validation
+    bn_recalibration_iterations: ClassVar[int] = 100
+    #: training batches those statistics are re-estimated on (at most one epoch's)
+    bn_recalibration_batches: ClassVar[int] = 8
+
+    def on_validation_epoch_start(self):
+        self.recalibrate_batchnorm()
+        super().on_validation_epoch_start()
+
+    def recalibrate_batchnorm(self, force: bool = False) -> bool:
+        """Re-estimate BatchNorm running statistics with the current weights (issue 13).
+
+        BatchNorm's running statistics are averages over past training forward passes, i.e.
+        over *past weights*. Early in training (Adam's first steps change every weight by
+        ~lr, tens of percent of a layer's output) they do not describe the current network:
+        after two iterations nnMamba's eval-mode logits reached 1e9 and nnU-Net's predictor
+        aborted on inf. So while fewer than ``bn_recalibration_iterations`` training
+        iterations have run (or with ``force``), the statistics are recomputed before each
+        validation as a cumulative average over ``bn_recalibration_batches`` training
+        batches (at most one epoch's) in train mode without gradients ("precise BN", Wu &
+        Johnson 2021). Validation, checkpoints and prediction then use sound statistics.
+        Later runs keep PyTorch's EMA (the paper's BatchNorm), at no cost. Networks without
+        BatchNorm are untouched. Returns whether the statistics were re-estimated.
+        """
+        if self.network is None:
+            return False
+        net = unwrap(self.network)
+        norms = [m for m in net.modules()
+                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+        done = self.current_epoch * self.num_iterations_per_epoch + self.num_iterations_per_epoch
+        if not norms or (not force and done >= self.bn_recalibration_iterations):
+            return False
+        loader = getattr(self, "dataloader_train", None)
+        if loader is None:
+            return False
+        momenta = [m.momentum for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            if hasattr(m, "init_share"):
+                m.init_share.fill_(1.0)
+            m.momentum = None  # cumulative average over the batches below
+        was_training = net.training
+        net.train()
+        amp = (torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda"
+               else contextlib.nullcontext())
+        try:
+            with torch.no_grad(), amp:
+                for _ in range(max(1, min(self.bn_recalibration_batches,
+                                          self.num_iterations_per_epoch))):
+                    net(next(loader)["data"].to(self.device, non_blocking=True))
+        finally:
+            for m, momentum in zip(norms, momenta):
+                m.momentum = momentum
+            net.train(was_training)
+        self.print_to_log_file(f"BatchNorm statistics re-estimated on the current weights "
+                               f"({len(norms)} layers) before validation")
+        return True
 
     def _get_deep_supervision_scales(self):
         if not self.enable_deep_supervision:
