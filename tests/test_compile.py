@@ -44,11 +44,11 @@ def close(a, b, tol=1e-5):
     torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
-def close_to_scale(a, b, tol=1e-3):
-    """Equal up to ``tol`` times the largest magnitude (compiled graphs decompose BatchNorm
-    and reorder float sums: rounding differences on gradients that are near zero)."""
+def close_to_scale(a, b, tol=1e-3, floor=0.0):
+    """Equal up to ``tol`` times the largest magnitude, plus ``floor`` (compiled graphs
+    decompose BatchNorm and reorder float sums: rounding differences on values near zero)."""
     scale = float(b.abs().max()) or 1.0
-    torch.testing.assert_close(a, b, rtol=0, atol=tol * scale)
+    torch.testing.assert_close(a, b, rtol=0, atol=tol * scale + floor)
 
 
 # ---- the custom ops ------------------------------------------------------------------------
@@ -217,10 +217,11 @@ def test_network_compiles_to_one_graph_with_eager_numbers(name):
     for a, b in zip(out if isinstance(out, list) else [out],
                     eager_out if isinstance(eager_out, list) else [eager_out]):
         close_to_scale(a, b)
+    largest = max(float(g.abs().max()) for g in eager_grads if g is not None)
     for a, b in zip(got_grads, eager_grads):
         assert (a is None) == (b is None)
-        if a is not None:
-            close_to_scale(a, b)
+        if a is not None:  # near-zero gradients (e.g. a 1-unit SE bottleneck) by the largest
+            close_to_scale(a, b, floor=1e-5 * largest)
     assert counter.frame_count == 1
     if name in SWITCH_CHECKED:  # nnU-Net: train, validate (eval + no_grad), train, ...
         for _ in range(2):
