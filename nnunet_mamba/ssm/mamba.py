@@ -4,7 +4,8 @@
 (``in_proj``, ``conv1d``, ``x_proj``, ``dt_proj``, ``A_log``, ``D``, ``out_proj``), so a
 state_dict trained with mamba-ssm on a GPU loads into it on a CPU and gives the same
 output. The depthwise causal convolution uses ``causal_conv1d`` on CUDA when it imports
-and ``torch.nn.functional.conv1d`` otherwise; the selective scan goes through
+(unless ``NNUNET_MAMBA_CAUSAL_CONV1D=0`` at import) and ``torch.nn.functional.conv1d``
+otherwise; the selective scan goes through
 :func:`nnunet_mamba.ssm.selective_scan` and always runs in float32, autocast or not.
 
 :class:`MultiScanMamba` is the multi-directional variant SegMamba's Tri-orientated Mamba
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -28,6 +30,8 @@ from .selective_scan import selective_scan
 try:  # imported once here, not per call: torch.compile then sees a constant
     from causal_conv1d import causal_conv1d_fn as _CAUSAL_CONV1D
 except Exception:  # not installed, or built for another CUDA/torch
+    _CAUSAL_CONV1D = None
+if os.environ.get("NNUNET_MAMBA_CAUSAL_CONV1D", "1") == "0":  # benchmarks: F.conv1d instead
     _CAUSAL_CONV1D = None
 
 
