@@ -10,10 +10,14 @@ precision on CUDA as nnU-Net does it; the selective scan itself always runs in f
 Every configuration (``2d``, ``3d_fullres``, ``3d_lowres``, ``3d_cascade_fullres``): strides
 and kernel sizes of nnMamba's four levels come from the plans (see ``nnMambaSeg.from_plans``).
 
-Normalisation: the paper's BatchNorm, whose eval-mode statistics are bias-corrected for
-their initial values (``BiasCorrectedBatchNorm3d``): plain BatchNorm validated after a few
-iterations gives inf logits (issue 13); after ~50 iterations both are the same.
-``nnMambaTrainer_InstanceNorm`` uses nnU-Net's InstanceNorm instead (no running statistics).
+Normalisation: the paper's BatchNorm (default), made sound for early validation (issue 13:
+plain BatchNorm validated after two iterations gave inf logits): (1) before every validation
+within the first 100 training iterations the trainer re-estimates the running statistics on
+training batches with the current weights (``MambaTrainerBase.recalibrate_batchnorm``), so
+validation, checkpoints and prediction use statistics of the saved weights; (2) eval-mode
+statistics are bias-corrected for their initial values (``BiasCorrectedBatchNorm3d``). After
+~100 iterations neither acts and the network is the paper's. ``nnMambaTrainer_InstanceNorm``
+uses nnU-Net's InstanceNorm instead (no running statistics at all).
 """
 from nnunet_mamba.networks import nnMambaSeg
 from nnunet_mamba.training.base import MambaTrainerBase, short_variants
