@@ -46,6 +46,8 @@ def make_case(b, d, L, N, G=0, z=True, D=True, bias=True, softplus=True, C_plain
         "D": rnd(d) if D else None, "z": rnd(b, d, L) if z else None,
         "delta_bias": rnd(d, scale=0.3) if bias else None,
     }
+    if not softplus:  # delta must be positive without the softplus (else the state grows)
+        inputs["delta"] = inputs["delta"].abs()
     if dtype != torch.float64:  # weights stay float32, as in a Mamba layer under autocast
         for k in ("D", "delta_bias"):
             if inputs[k] is not None:

@@ -44,6 +44,8 @@ except Exception as e:  # triton missing (CPU-only wheels, macOS) or broken
 LOG2E = 1.4426950408889634
 #: benchmarks only: tile shapes "T2,warps,T2,warps" (forward, backward) instead of the defaults
 TILE_ENV = "NNUNET_MAMBA_TRITON_TILES"
+#: benchmarks only: tiles per program group of the backward kernel (default: all)
+GROUP_ENV = "NNUNET_MAMBA_TRITON_BWD_GROUP"
 
 
 def _interpreting() -> bool:
@@ -331,15 +333,21 @@ if triton is not None:
     def _bwd_kernel(u_ptr, dt_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dout_ptr,
                     H_ptr, Gc_ptr,
                     du_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr,
-                    dim, L, N, K, G, dpg,
+                    dim, L, N, K, G, dpg, TG,
                     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr,
                     HAS_Z: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr):
         """Tile k of channel c: per state, h by a forward scan from H_{k-1} and the adjoint
         g by a reverse scan from G_{k+1}; dA/dD/dbias as per-tile partial sums."""
-        # channels vary fastest: the programs in flight share B, C and dB, dC tiles in L2
-        c = tl.program_id(0)
-        k = tl.program_id(1)
-        b = tl.program_id(2).to(tl.int64)
+        # program order: groups of TG tiles, tiles fastest inside a group (TG >= K: all
+        # tiles of a channel first, measured best; TG = 1: channels fastest, whose dB/dC
+        # atomics then collide)
+        pid = tl.program_id(0)
+        first = (pid // (TG * dim)) * TG
+        in_group = tl.minimum(TG, K - first)
+        r = pid - first * dim
+        c = r // in_group
+        k = first + r % in_group
+        b = tl.program_id(1).to(tl.int64)
         t1 = tl.arange(0, T1)
         offs_t = k * (T1 * T2) + t1[None, :] * T2 + tl.arange(0, T2)[:, None]
         t4 = k * (T1 * T2) + t1[None, :] * T2 + tl.arange(0, 4)[:, None]
@@ -517,10 +525,11 @@ def selective_scan_backward(dout, u, delta, A, B, C, D=None, z=None, delta_bias=
     dC = torch.zeros(C4.shape, **f32)
     part = torch.empty(2, b, K, dim, **f32)  # dD, ddelta_bias partial sums
     dz = torch.empty_like(z) if z is not None else None
-    _bwd_kernel[grid](
+    TG = int(os.environ.get(GROUP_ENV, "0")) or K
+    _bwd_kernel[(K * dim, b)](
         u, delta, bias, A, B4, C4, dummy if D is None else D, zz, dout, H, Gs,
         du, ddelta, dA, dB, dC, part[0], du if dz is None else dz, part[1],
-        dim, L, N, K, G, dpg, HAS_D=D is not None, **flags)
+        dim, L, N, K, G, dpg, min(TG, K), HAS_D=D is not None, **flags)
     dA = dA.sum((0, 1))
     dD = part[0].sum((0, 1)) if D is not None else None
     dbias = part[1].sum((0, 1)) if delta_bias is not None else None
