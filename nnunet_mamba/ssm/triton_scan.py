@@ -23,8 +23,10 @@ time the adjoint carries (g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}), and
 ``_bwd_kernel`` rebuilds h and g of each tile by a forward and a reverse scan per state
 and writes du, ddelta, dz; dB and dC are float32 atomic sums over the channels (as in
 mamba-ssm), dA, dD and ddelta_bias per-tile partial sums. Nothing but the inputs is kept
-between forward and backward. Channels vary fastest in the grid, so the programs in
-flight share their B, C, dB and dC tiles in L2. Runs on CUDA, and on CPU tensors under
+between forward and backward. In the forward grids channels vary fastest (the programs in
+flight share B and C tiles in L2); the backward kernel takes all tiles of a channel first,
+since channels-first programs collide in their dB/dC atomics (2.4x slower on an H200,
+bench_results/triton_scan_h200.txt). Runs on CUDA, and on CPU tensors under
 ``TRITON_INTERPRET=1`` (Triton's interpreter, for tests).
 """
 from __future__ import annotations
