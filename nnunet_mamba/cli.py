@@ -15,7 +15,7 @@ from .errors import UserError
 
 SUBCOMMANDS = {
     "info": ("nnunet_mamba.info", "versions and which selective-scan backend runs where"),
-    "plans": ("nnunet_mamba.plans_presets", "apply a plans preset (e.g. the paper's) to a dataset"),
+    "plans": ("nnunet_mamba.nnunet.plans_presets", "apply a plans preset (e.g. the paper's) to a dataset"),
     "demo": ("nnunet_mamba.demo", "synthetic dataset -> plan -> train briefly -> predict -> Dice"),
     "brats2023": ("nnunet_mamba.brats.cli", "BraTS 2023 GLI: synth, convert, evaluate, reproduce"),
     "cls": ("nnunet_mamba.classification.cli", "3D classification: train, predict"),

@@ -15,22 +15,19 @@ With a small box of weaker contrast than the sphere (the first version of this d
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 import time
-import warnings
-from collections import deque
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 
 from .errors import UserError
+from .nnunet.commands import nnunet_env, run_command
+from .nnunet.folders import dataset_glob, dataset_name
+from .nnunet.trainers import find_trainer
 
 LABELS = {"background": 0, "sphere": 1, "box": 2}
 
@@ -75,7 +72,7 @@ def make_synthetic_dataset(raw_root: Path, dataset_id: int = 901, name: str = "N
     import SimpleITK as sitk
 
     rng = np.random.default_rng(seed)
-    folder = Path(raw_root) / f"Dataset{dataset_id:03d}_{name}"
+    folder = Path(raw_root) / dataset_name(dataset_id, name)
     if folder.exists():
         shutil.rmtree(folder)
     for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
@@ -106,20 +103,6 @@ def dice_per_label(pred: np.ndarray, ref: np.ndarray, labels) -> dict[int, float
         denom = p.sum() + r.sum()
         out[lab] = float(2 * (p & r).sum() / denom) if denom else 1.0
     return out
-
-
-def nnunet_env(workdir: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({
-        "nnUNet_raw": str(workdir / "nnUNet_raw"),
-        "nnUNet_preprocessed": str(workdir / "nnUNet_preprocessed"),
-        "nnUNet_results": str(workdir / "nnUNet_results"),
-        "nnUNet_n_proc_DA": env.get("nnUNet_n_proc_DA", "2"),
-        "nnUNet_def_n_proc": env.get("nnUNet_def_n_proc", "2"),
-        "nnUNet_compile": "false",
-        "PYTHONUNBUFFERED": "1",  # nnU-Net's per-epoch lines arrive as they are printed
-    })
-    return env
 
 
 class EpochReporter:
@@ -162,63 +145,6 @@ class EpochReporter:
                  f"{float(s['time']):5.1f} s")
         self.epochs_seen += 1
         self.state = {}
-
-
-def run_command(cmd: list[str], env: dict[str, str], log=None,
-                on_line: Optional[Callable[[str], None]] = None) -> None:
-    """Run an nnU-Net command (from this Python's bin folder), failing loudly.
-
-    Its output goes line by line to ``log`` (an open file) and to ``on_line``; without a
-    log it goes to the console. On failure the last lines are shown with the log's path.
-    """
-    exe = Path(sys.executable).parent / cmd[0]
-    full = [str(exe) if exe.exists() else cmd[0], *cmd[1:]]
-    t0 = time.time()
-    print(f"$ {' '.join(cmd)}", flush=True)
-    if log is None:
-        proc = subprocess.run(full, env=env)
-        tail: deque = deque()
-    else:
-        tail = deque(maxlen=25)
-        with subprocess.Popen(full, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, bufsize=1, errors="replace") as proc:
-            for line in proc.stdout:
-                log.write(line)
-                log.flush()
-                tail.append(line.rstrip("\n"))
-                if on_line is not None:
-                    on_line(line.rstrip("\n"))
-    if proc.returncode != 0:
-        where = f" (full output: {log.name})" if log is not None else ""
-        shown = "\n".join(f"  | {t}" for t in tail)
-        raise UserError(f"command failed with exit code {proc.returncode}: {' '.join(cmd)}"
-                        f"{where}" + (f"\nlast lines:\n{shown}" if shown else ""))
-    print(f"  done in {time.time() - t0:.0f} s", flush=True)
-
-
-def find_trainer(trainer: str, env: dict[str, str]) -> tuple[bool, Optional[int]]:
-    """(whether nnU-Net finds the trainer class, its ``num_epochs`` if it states one)."""
-    keys = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
-    saved = {k: os.environ.get(k) for k in keys}
-    os.environ.update({k: env[k] for k in keys})  # nnunetv2.paths reads them on import
-    try:  # quietly: the search prints every folder it looks into
-        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), \
-                warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-            cls = recursive_find_trainer_class_by_name(trainer)
-    except Exception:
-        return False, None
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    if cls is None:
-        return False, None
-    epochs = getattr(cls, "hyperparameters", {}).get("num_epochs")
-    return True, (int(epochs) if epochs is not None else None)
 
 
 def _best_slice(ref: np.ndarray) -> tuple[int, int]:
@@ -345,7 +271,7 @@ def run(args) -> int:
     save_overview_png(png, img, r, p, f"{case}: " + ", ".join(
         f"{n} Dice {rows[ref_path.name][n]:.2f}" for n in names) + " (red sphere, blue box)")
     results = workdir / "nnUNet_results"
-    progress = sorted(results.glob(f"Dataset{args.dataset_id:03d}_*/{args.trainer}__*/fold_0/progress.png"))
+    progress = sorted(results.glob(f"{dataset_glob(args.dataset_id)}/{args.trainer}__*/fold_0/progress.png"))
     (workdir / "summary.json").write_text(json.dumps({
         "trainer": args.trainer, "device": args.device, "epochs": epochs,
         "dice": rows, "mean_dice": mean, "seconds": round(time.time() - t_start, 1)}, indent=2))

@@ -10,10 +10,7 @@ own ``build_network_architecture`` (as nnU-Net does), without deep supervision.
 """
 from __future__ import annotations
 
-import importlib
-import inspect
 import math
-import pkgutil
 from unittest import mock
 
 import torch
@@ -151,29 +148,16 @@ def supported_configurations(trainer: type, patch=(128, 128, 128)) -> list[str]:
     return out
 
 
-def our_trainers() -> list[type]:
-    """Base trainer classes defined in our trainer modules (short variants left out)."""
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-
-    import nnunet_mamba_trainers
-    found = []
-    for info in pkgutil.iter_modules(nnunet_mamba_trainers.__path__):
-        mod = importlib.import_module(f"nnunet_mamba_trainers.{info.name}")
-        for name, obj in vars(mod).items():
-            if (inspect.isclass(obj) and issubclass(obj, nnUNetTrainer)
-                    and obj.__module__ == mod.__name__ and "_" not in name):
-                found.append(obj)
-    return found
-
-
 def trainers_table(patch=(128, 128, 128)) -> str:
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+    from .nnunet.trainers import our_trainers
+
     pm = PlansManager(brats_plans(patch))
     cm = pm.get_configuration("3d_fullres")
     rows = ["| trainer | network | params | GMACs | configurations |", "|---|---|---|---|---|"]
-    for cls in [nnUNetTrainer, *our_trainers()]:
+    for cls in [nnUNetTrainer, *our_trainers(base_only=True)]:
         net = cls.build_network_architecture(pm, cm, 4, 3, enable_deep_supervision=False)
         params = count_params(net)
         macs = count_macs(net, (1, 4, *patch))

@@ -24,24 +24,15 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from nnunet_mamba.brats.reproduce import (
-    PAPER_TABLE1,
-    Job,
-    JobRunner,
-    NnUNetFolders,
-    PredictionSet,
-    ReproduceOptions,
-    StepLog,
-    Table1Row,
-    format_table1_markdown,
-    paper_rows,
-    training_jobs,
-    write_table1_csv,
-)
+from nnunet_mamba.brats.jobs import Job, JobRunner
+from nnunet_mamba.brats.reproduce import ReproduceOptions
+from nnunet_mamba.brats.steps import PredictionSet, StepLog, training_jobs
 from nnunet_mamba.brats.synth import synthesize_dataset
+from nnunet_mamba.brats.table1 import PAPER_TABLE1, Table1Row, format_table1_markdown, paper_rows, write_table1_csv
 from nnunet_mamba.cli import main
-from nnunet_mamba.demo import nnunet_env
 from nnunet_mamba.errors import UserError
+from nnunet_mamba.nnunet.commands import nnunet_env
+from nnunet_mamba.nnunet.folders import NnUNetFolders
 
 TRAINERS = ("nnMambaTrainer_smoke", "UNETRTrainer_smoke")
 DATASET_ID = 42

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from nnunet_mamba.cli import main
-from nnunet_mamba.plans_presets import apply_preset, available_presets
+from nnunet_mamba.nnunet.plans_presets import apply_preset, available_presets
 from tests.test_nnmamba_seg import _plans
 
 

@@ -17,7 +17,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from nnunet_mamba.demo import make_synthetic_dataset, nnunet_env
+from nnunet_mamba.demo import make_synthetic_dataset
+from nnunet_mamba.nnunet.commands import nnunet_env
 
 pytestmark = pytest.mark.slow
 DATASET_ID = 987

@@ -15,12 +15,15 @@ from pathlib import Path
 import pytest
 
 from nnunet_mamba.brats.baselines import BASELINES, parse_trainer_spec, parse_trainer_specs
-from nnunet_mamba.brats.reproduce import (DatasetState, JobRunner, NnUNetFolders, PredictionSet,
-                                          ReproduceOptions, StepLog, check_networks,
-                                          plan_and_preprocess, prediction_jobs, training_jobs)
+from nnunet_mamba.brats.jobs import JobRunner
+from nnunet_mamba.brats.reproduce import ReproduceOptions
+from nnunet_mamba.brats.steps import (DatasetState, PredictionSet, StepLog, plan_and_preprocess, prediction_jobs,
+                                      training_jobs)
 from nnunet_mamba.brats.synth import synthesize_dataset
 from nnunet_mamba.cli import main
 from nnunet_mamba.errors import UserError
+from nnunet_mamba.nnunet.folders import NnUNetFolders
+from nnunet_mamba.nnunet.trainers import check_networks
 from tests.test_e2e_nnunet import DATASET_ID as E2E_ID
 from tests.test_e2e_nnunet import planned  # noqa: F401  (fixture)
 

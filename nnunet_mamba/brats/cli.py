@@ -71,13 +71,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_reproduce_arguments(sub)
 
 
-def _add_metrics_argument(p) -> None:
-    p.add_argument("--metrics", choices=METRICS, default="both",
+def _add_metrics_argument(p, default: str = "both") -> None:
+    p.add_argument("--metrics", choices=METRICS, default=default,
                    help="legacy: whole-volume Dice / HD95 (by --convention); lesionwise: the BraTS 2023 challenge's "
-                        "lesion-wise Dice / HD95 with lesion counts; both (default)")
+                        "lesion-wise Dice / HD95 with lesion counts; both (default %(default)s)")
 
 
 def _add_reproduce_arguments(sub) -> None:
+    from .reproduce import option_defaults
+
+    default = option_defaults()  # stated once, in ReproduceOptions
     p = sub.add_parser(
         "reproduce", help="the paper's Table 1: convert, plan, train, predict the test split, evaluate",
         description="The nnMamba paper's BraTS 2023 protocol (Sec. 3.2, Table 1) with stock nnU-Net, resumable: "
@@ -91,37 +94,41 @@ def _add_reproduce_arguments(sub) -> None:
                    help="table rows: nnU-Net trainer classes (e.g. nnMambaTrainer SegMambaV2Trainer nnUNetTrainer), "
                         "TRAINER:PLANS for a trainer on its own plans, or nnUNetTrainer_ResEncM / _ResEncL / _ResEncXL "
                         "(nnUNetTrainer on nnU-Net's residual-encoder preset plans, planned by nnU-Net's planners)")
-    p.add_argument("-d", "--dataset-id", type=int, default=501, metavar="ID", help="nnU-Net dataset ID (default 501)")
-    p.add_argument("--name", default="BraTS2023GLI", help="dataset name (default BraTS2023GLI)")
-    p.add_argument("--folds", type=int, nargs="+", default=[PAPER_FOLD], metavar="F",
-                   help=f"folds to train and ensemble: {PAPER_FOLD} (default) is the paper's 70%% train -> 10%% val "
-                        "split; 0 1 2 3 4 the 5-fold cross-validation over train + val")
-    p.add_argument("--work", default=None, metavar="DIR",
+    p.add_argument("-d", "--dataset-id", type=int, default=default["dataset_id"], metavar="ID",
+                   help="nnU-Net dataset ID (default %(default)s)")
+    p.add_argument("--name", default=default["name"], help="dataset name (default %(default)s)")
+    p.add_argument("--folds", type=int, nargs="+", default=list(default["folds"]), metavar="F",
+                   help=f"folds to train and ensemble: {PAPER_FOLD} is the paper's 70%% train -> 10%% val split; "
+                        "0 1 2 3 4 the 5-fold cross-validation over train + val (default "
+                        f"{' '.join(map(str, default['folds']))})")
+    p.add_argument("--work", default=default["work"], metavar="DIR",
                    help="keep nnUNet_raw, nnUNet_preprocessed and nnUNet_results in DIR (default: the folders of "
                         "the environment variables nnUNet_raw, nnUNet_preprocessed, nnUNet_results)")
-    p.add_argument("--out", default=None, metavar="DIR",
+    p.add_argument("--out", default=default["out"], metavar="DIR",
                    help="table, plot, metrics, predictions and logs (default: "
                         "$nnUNet_results/Dataset<ID>_<NAME>/reproduce_table1)")
-    p.add_argument("--convention", choices=sorted(CONVENTIONS), default="brats2023",
-                   help="whole-volume HD95 definition and values for empty masks (default brats2023)")
-    _add_metrics_argument(p)
-    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="passed to nnU-Net's -device")
-    p.add_argument("--gpus", type=int, default=None, metavar="N",
+    p.add_argument("--convention", choices=sorted(CONVENTIONS), default=default["convention"],
+                   help="whole-volume HD95 definition and values for empty masks (default %(default)s)")
+    _add_metrics_argument(p, default["metrics"])
+    p.add_argument("--device", choices=("cuda", "cpu"), default=default["device"],
+                   help="passed to nnU-Net's -device (default %(default)s)")
+    p.add_argument("--gpus", type=int, default=default["gpus"], metavar="N",
                    help="trainings (and predictions) run at once, one per GPU (default: all visible GPUs)")
-    p.add_argument("--plans", default="nnUNetPlans", metavar="ID", help="plans identifier (default nnUNetPlans)")
-    p.add_argument("--preset", default=None, metavar="NAME|FILE",
+    p.add_argument("--plans", default=default["plans"], metavar="ID", help="plans identifier (default %(default)s)")
+    p.add_argument("--preset", default=default["preset"], metavar="NAME|FILE",
                    help="plans preset applied on top of --plans, for the rows without their own plans (e.g. paper: "
                         "patch 128^3, batch 2; or a preset "
                         ".json file)")
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"split seed (default {DEFAULT_SEED})")
+    p.add_argument("--seed", type=int, default=default["seed"], help="split seed (default %(default)s)")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--link", dest="mode", action="store_const", const="link",
-                      help="symlink the source files into nnUNet_raw (default)")
-    mode.add_argument("--copy", dest="mode", action="store_const", const="copy", help="copy the source files")
-    p.set_defaults(mode="link")
-    p.add_argument("-j", "--jobs", type=int, default=default_jobs(), metavar="N",
+    for const, text in (("link", "symlink the source files into nnUNet_raw"), ("copy", "copy the source files")):
+        mode.add_argument(f"--{const}", dest="mode", action="store_const", const=const,
+                          help=text + (" (default)" if const == default["mode"] else ""))
+    p.set_defaults(mode=default["mode"])
+    p.add_argument("-j", "--jobs", type=int, default=default["jobs"], metavar="N",
                    help="processes for validation, preprocessing and evaluation (default %(default)s)")
-    p.add_argument("--dry-run", action="store_true", help="print the plan of commands; run and write nothing")
+    p.add_argument("--dry-run", action="store_true", default=default["dry_run"],
+                   help="print the plan of commands; run and write nothing")
 
 
 def run(args) -> int:

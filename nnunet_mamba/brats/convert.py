@@ -39,6 +39,8 @@ import numpy as np
 
 from ..errors import UserError
 from ..imaging import ImageError, is_symlink_loop, read_image
+from ..nnunet.folders import check_dataset_id_free, env_folder
+from ..nnunet.folders import dataset_name as nnunet_dataset_name
 from ..safe_io import remove_stale, write_json
 from .layout import (
     CHANNEL_ORDER,
@@ -327,13 +329,6 @@ def dataset_json(n_training: int, name: str) -> dict:
     }
 
 
-def _env_folder(value, variable: str, option: str) -> Path:
-    value = value or os.environ.get(variable)
-    if not value:
-        raise UserError(f"no nnU-Net folder: set the environment variable {variable} or pass {option} DIR")
-    return Path(value)
-
-
 def _place(src: Path, dst: Path, mode: str) -> str:
     """Symlink (mode 'link') or copy src to dst; returns what was done ('symlink' or 'copy')."""
     if mode == "link":
@@ -371,16 +366,6 @@ class ConversionResult:
         return self.dataset_dir.name
 
 
-def _check_dataset_id_free(folder: Path, dataset_id: int, target_name: str, what: str) -> None:
-    if not folder.is_dir():
-        return
-    others = sorted(p.name for p in folder.glob(f"Dataset{dataset_id:03d}_*") if p.name != target_name
-                    and p.is_dir())
-    if others:
-        raise UserError(f"dataset ID {dataset_id} is already used by {folder / others[0]} ({what}); nnU-Net "
-                        f"needs one name per ID: choose another -d or remove that folder")
-
-
 def convert_brats(src: str | Path, dataset_id: int, name: str = "BraTS2023GLI", mode: str = "link",
                   seed: int = DEFAULT_SEED, nnunet_raw=None, nnunet_preprocessed=None, overwrite: bool = False,
                   n_jobs: int = 1, verbose: bool = False) -> ConversionResult:
@@ -408,15 +393,14 @@ def convert_brats(src: str | Path, dataset_id: int, name: str = "BraTS2023GLI", 
         raise UserError(f"dataset name {name!r} may hold only letters, digits, '-' and '_'")
     if mode not in ("link", "copy"):
         raise ValueError(f"mode must be 'link' or 'copy', got {mode!r}")
-    raw = _env_folder(nnunet_raw, "nnUNet_raw", "--nnunet-raw")
-    preprocessed = _env_folder(nnunet_preprocessed, "nnUNet_preprocessed", "--nnunet-preprocessed")
-    dataset_name = f"Dataset{int(dataset_id):03d}_{name}"
+    raw = env_folder("nnUNet_raw", nnunet_raw, "--nnunet-raw")
+    preprocessed = env_folder("nnUNet_preprocessed", nnunet_preprocessed, "--nnunet-preprocessed")
+    dataset_name = nnunet_dataset_name(dataset_id, name)
     target = raw / dataset_name
     for folder, what in ((raw, "nnUNet_raw"), (preprocessed, "nnUNet_preprocessed"),
                          (Path(os.environ["nnUNet_results"]) if os.environ.get("nnUNet_results") else None,
                           "nnUNet_results")):
-        if folder is not None:
-            _check_dataset_id_free(folder, int(dataset_id), dataset_name, what)
+        check_dataset_id_free(folder, int(dataset_id), dataset_name, what)
     if target.exists() and not overwrite:
         raise UserError(f"{target} already exists; pass --overwrite to replace it")
     src = Path(src)

@@ -10,7 +10,6 @@ tumour core TC = {1, 3}, enhancing tumour ET = {3}.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 FILE_ENDING = ".nii.gz"
 
@@ -69,7 +68,3 @@ def expected_files(case_id: str) -> dict[str, str]:
     """The five file names of a case, keyed by suffix (modalities first, then ``seg``)."""
     return {s: case_file_name(case_id, s) for s in (*MODALITIES, SEG)}
 
-
-def case_path(root: str | Path, case_id: str, suffix: str) -> Path:
-    """Path of one file of a case inside a BraTS-layout folder ``root``."""
-    return Path(root) / case_id / case_file_name(case_id, suffix)

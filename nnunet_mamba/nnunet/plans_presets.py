@@ -20,13 +20,35 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import UserError
-from .safe_io import atomic_write_text, load_json
+from ..errors import UserError
+from ..safe_io import atomic_write_text, load_json
+from .folders import find_dataset_folder
 
 
 def available_presets() -> dict[str, dict]:
     root = importlib.resources.files("nnunet_mamba_plans")
     return {p.name[:-5]: json.loads(p.read_text()) for p in root.iterdir() if p.name.endswith(".json")}
+
+
+def resolve_preset(value: str) -> tuple[str, dict]:
+    """A preset by name (``nnmamba plans list``) or from a JSON file with the same keys:
+    (its name or the file's absolute path, the preset); raises :class:`UserError`."""
+    presets = available_presets()
+    if value in presets:
+        return value, presets[value]
+    path = Path(value)
+    if path.suffix == ".json" and path.is_file():
+        try:
+            preset = json.loads(path.read_text())
+        except ValueError as e:
+            raise UserError(f"preset file {path} is not valid JSON ({e})") from None
+        needed = ("configuration", "patch_size", "batch_size", "plans_suffix")
+        lacking = [k for k in needed if k not in preset]
+        if lacking:
+            raise UserError(f"preset file {path} lacks {', '.join(lacking)}; a preset holds {', '.join(needed)} "
+                            f"(see nnunet_mamba_plans/paper.json)")
+        return str(path.resolve()), preset
+    raise UserError(f"unknown --preset {value!r}: use one of {', '.join(sorted(presets))} or a preset .json file")
 
 
 def _extend(seq, n):
@@ -102,18 +124,6 @@ def add_arguments(parser) -> None:
     sub.add_parser("list", help="list the presets")
 
 
-def _dataset_folder(dataset: str) -> Path:
-    root = os.environ.get("nnUNet_preprocessed")
-    if not root:
-        raise UserError("nnUNet_preprocessed is not set; export it as for nnU-Net itself")
-    try:
-        from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-        name = maybe_convert_to_dataset_name(dataset)
-    except Exception as e:
-        raise UserError(f"dataset {dataset!r} not found: {e}") from None
-    return Path(root) / name
-
-
 def run(args) -> int:
     presets = available_presets()
     if args.action == "list":
@@ -122,7 +132,7 @@ def run(args) -> int:
         return 0
     if args.preset not in presets:
         raise UserError(f"unknown preset {args.preset!r}; known: {', '.join(sorted(presets))}")
-    folder = _dataset_folder(args.dataset)
+    folder = find_dataset_folder(args.dataset)
     src = folder / f"{args.source}.json"
     if not src.exists():
         raise UserError(f"{src} does not exist: run nnUNetv2_plan_and_preprocess -d {args.dataset} first")
