@@ -16,8 +16,8 @@ import torch
 
 from nnunet_mamba.model_table import brats_plans, count_params
 from nnunet_mamba.networks import SegMamba, nnMambaSeg
-from nnunet_mamba.networks.blocks import (BiasCorrectedBatchNorm3d, ConvOps,
-                                          PlansConfigurationError)
+from nnunet_mamba.networks.blocks import BiasCorrectedBatchNorm3d, ConvOps
+from nnunet_mamba.networks.from_plans import PlansConfigurationError
 from nnunet_mamba.ssm import FORWARD, INTER_SLICE, MICCSS_FLIPS, NAMED_ORDERS, from_sequence, to_sequence
 
 TRAINERS = ["nnMambaTrainer", "nnMambaTrainer_InstanceNorm", "SegMambaTrainer",

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from nnunet_mamba.model_table import brats_plans, count_params
+from nnunet_mamba.networks.from_plans import unet_kwargs_from_plans
 from nnunet_mamba.networks.mamba_layers import (BidirectionalMambaBlock, FeatureMapMamba,
-                                                PreNormMambaBlock, unet_kwargs_from_plans)
+                                                PreNormMambaBlock)
 from nnunet_mamba.networks.segmamba import (FeatureUncertaintyWeighting, GatedSpatialConv,
                                             SegMamba, TriOrientedMamba)
 from nnunet_mamba.networks.taming import (BiSegMamba, MultiSegMamba, SegMambaSkip,

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..networks.nnmamba_landmark import HeatmapUNet, build_landmark_network
+from ..networks import registry
+from ..networks.nnmamba_landmark import HeatmapUNet
 from .data import read_image, to_working_grid
 from .geometry import WorkingGrid, world_to_index
 from .heatmaps import decode_heatmaps
@@ -45,8 +46,8 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def build_network(config: dict) -> HeatmapUNet:
     """The network described by a model folder's config (fresh weights)."""
-    return build_landmark_network(config["model"], 1, len(config["landmarks"]),
-                                  **config["model_kwargs"])
+    return registry.build("landmarks", config["model"], 1, len(config["landmarks"]),
+                          **config["model_kwargs"])
 
 
 @torch.no_grad()

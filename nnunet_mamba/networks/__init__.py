@@ -2,7 +2,8 @@
 shared Mamba layer :mod:`nnunet_mamba.ssm`."""
 from .nnmamba_cls import ResNet3D, nnMambaCls
 from .nnmamba_landmark import ResUNetLandmark, nnMambaLandmark
-from .nnmamba_seg import ResMambaEncoder, SkipScaledDecoder, nnMambaSeg
+from .nnmamba_backbone import ResMambaEncoder, SkipScaledDecoder
+from .nnmamba_seg import nnMambaSeg
 from .segmamba import SegMamba
 from .taming import BiSegMamba, MultiSegMamba, SegMambaSkip, TamingSegMamba
 from .umamba import UMambaBot, UMambaEnc

@@ -301,32 +301,3 @@ def pad_to_multiple(x: torch.Tensor, multiple: Size) -> tuple[torch.Tensor, tupl
 def crop_to(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """Keep the first ``shape`` voxels of each spatial axis (undoes :func:`pad_to_multiple`)."""
     return x[(...,) + tuple(slice(0, int(s)) for s in shape)]
-
-
-# ---- nnU-Net plans ---------------------------------------------------------------------
-class PlansConfigurationError(ValueError):
-    """A network cannot be built for an nnU-Net configuration; the trainer adds its name,
-    the configuration and the alternative to the message (see ``training/base.py``)."""
-
-
-def plans_levels(configuration_manager, max_levels: int, network: str,
-                 min_levels: int = 2) -> tuple[list[list[int]], list[list[int]]]:
-    """Strides (``pool_op_kernel_sizes[1:max_levels + 1]``) and kernel sizes
-    (``conv_kernel_sizes[:len(strides) + 1]``) of a plans configuration, for networks with a
-    fixed maximum number of down-samplings. Raises :class:`PlansConfigurationError` when the
-    plans pool fewer than ``min_levels`` times. Plans whose architecture has no U-Net strides
-    (another ``network_class_name``) give the isotropic default: strides 2, kernels 3, in the
-    patch's dimensionality."""
-    arch = configuration_manager.network_arch_init_kwargs
-    if "strides" not in arch or "kernel_sizes" not in arch:
-        dim = len(configuration_manager.patch_size)
-        return [[2] * dim] * max_levels, [[3] * dim] * (max_levels + 1)
-    pools = [list(p) for p in arch["strides"]]
-    kernels = [list(k) for k in arch["kernel_sizes"]]
-    strides = pools[1:max_levels + 1]
-    if len(strides) < min_levels:
-        raise PlansConfigurationError(
-            f"{network} needs at least {min_levels} poolings but the plans' configuration pools "
-            f"{len(pools) - 1} times (patch size {list(configuration_manager.patch_size)}); a "
-            "larger patch size in the plans gives more stages")
-    return strides, kernels[:len(strides) + 1]

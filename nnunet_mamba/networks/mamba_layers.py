@@ -9,14 +9,10 @@ orders, layer-normalised, mixed by one or more Mamba blocks and written back:
   :class:`~nnunet_mamba.ssm.Mamba` and the raster order it is U-Mamba's Mamba layer (Ma et al.
   2024, Sec. 2.1); with :class:`PreNormMambaBlock` / :class:`BidirectionalMambaBlock` and the
   axis permutations, the layers of Taming Mambas (Lumetti et al. 2024, Sec. 3, Figs. 1, 3).
-
-:func:`unet_kwargs_from_plans` turns an nnU-Net plans configuration into the keyword arguments
-of the plans-based U-Nets (Taming Mambas, U-Mamba) built on it.
 """
 from __future__ import annotations
 
 import contextlib
-import pydoc
 from typing import Optional, Sequence
 
 import torch
@@ -171,34 +167,6 @@ class FeatureMapMamba(FeatureMapSequenceMixer):
         for y, p in zip(ys, perms):
             out = out + (y if p is None else torch.empty_like(y).index_copy_(1, p, y))
         return out / len(self.mixers)
-
-
-# ---- plans -------------------------------------------------------------------------------
-def unet_kwargs_from_plans(configuration_manager) -> dict:
-    """The U-Net keyword arguments of an nnU-Net plans configuration, classes imported.
-
-    Reads ``configuration_manager.network_arch_init_kwargs`` (nnU-Net >= 2.4 plans: plain
-    ``PlainConvUNet`` plans or residual-encoder plans) and resolves the class names listed in
-    ``_kw_requires_import`` as nnU-Net's ``get_network_from_plans`` does. The encoder's block
-    counts are returned as ``n_blocks_per_stage`` whichever name the plans use. 2D
-    (``2d``) and 3D configurations are accepted: the Mamba layers scan volumes or images.
-    """
-    kwargs = dict(configuration_manager.network_arch_init_kwargs)
-    for key in configuration_manager.network_arch_init_kwargs_req_import:
-        if kwargs.get(key) is not None:
-            kwargs[key] = pydoc.locate(kwargs[key])
-    if "n_blocks_per_stage" not in kwargs:
-        if "n_conv_per_stage" not in kwargs:
-            raise ValueError("the plans' architecture has neither n_conv_per_stage nor "
-                             "n_blocks_per_stage; re-plan the dataset with nnUNetv2_plan_experiment")
-        kwargs["n_blocks_per_stage"] = kwargs.pop("n_conv_per_stage")
-    if kwargs.get("conv_op") not in (nn.Conv2d, nn.Conv3d):
-        raise ValueError(
-            f"these Mamba networks need a 2D or 3D configuration (conv_op Conv2d or Conv3d), the "
-            f"plans give {kwargs.get('conv_op')}; re-plan the dataset with nnUNetv2_plan_experiment")
-    for key in ("block", "bottleneck_channels", "stem_channels"):
-        kwargs.pop(key, None)  # residual-encoder extras that these networks fix themselves
-    return kwargs
 
 
 # ---- encoders ----------------------------------------------------------------------------

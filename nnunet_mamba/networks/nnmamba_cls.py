@@ -1,6 +1,6 @@
 """nnMamba for 3D classification (Gong et al. 2024, Sec. 2.3, Table 2) and its 3D-ResNet baseline.
 
-nnMambaCls = the residual encoder of :class:`~nnunet_mamba.networks.nnmamba_seg.ResMambaEncoder`
+nnMambaCls = the residual encoder of :class:`~nnunet_mamba.networks.nnmamba_backbone.ResMambaEncoder`
 with one Mamba layer right after the stem ("immediately following the initial feature
 extraction", Sec. 2.3) and no Mamba in the stages, followed by *channel-sequential learning*
 (abstract, Fig. 1): the globally pooled features of the last three scales are cut into
@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from ..ssm import Mamba
-from .nnmamba_seg import ResMambaEncoder
+from .nnmamba_backbone import ResMambaEncoder
 
 
 class ChannelSequenceTokens(nn.Module):

@@ -4,8 +4,8 @@ Sec. 2.2, Sec. 3.4, Table 3).
 Both networks regress one heatmap per landmark at the input resolution (the paper trains
 them with an MSE loss against Gaussian heatmaps; see :mod:`nnunet_mamba.landmarks`). They
 share everything but the Mamba layer: the residual encoder of nnMamba
-(:class:`~nnunet_mamba.networks.nnmamba_seg.ResMambaEncoder`) and its convolutional decoder
-with channel-scaled skips (:class:`~nnunet_mamba.networks.nnmamba_seg.SkipScaledDecoder`,
+(:class:`~nnunet_mamba.networks.nnmamba_backbone.ResMambaEncoder`) and its convolutional decoder
+with channel-scaled skips (:class:`~nnunet_mamba.networks.nnmamba_backbone.SkipScaledDecoder`,
 no deep supervision).
 
 "A singular Mamba layer at the first block of the network" (Sec. 2.2) is realised as one
@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from .blocks import crop_to, pad_to_multiple
-from .nnmamba_seg import ResMambaEncoder, SkipScaledDecoder
+from .nnmamba_backbone import ResMambaEncoder, SkipScaledDecoder
 
 
 class HeatmapUNet(nn.Module):
@@ -37,8 +37,8 @@ class HeatmapUNet(nn.Module):
     Sec. 2.2); without it the network is a plain residual U-Net (the ResUNet of Table 3).
     Widths: ``base_channels`` in the stem, then 2x, 4x, 8x in the three stages. The 1x1
     heatmap head is zero-initialised (the paper gives no initialisation; this one lets the
-    sparse peaks be learnt in tens rather than hundreds of steps) and the decoder's
-    deep-supervision heads are removed.
+    sparse peaks be learnt in tens rather than hundreds of steps); the decoder is built
+    without deep-supervision heads (heatmaps are regressed at full resolution only).
     """
 
     def __init__(self, in_channels: int, num_landmarks: int, base_channels: int = 32,
@@ -52,10 +52,7 @@ class HeatmapUNet(nn.Module):
                                        mamba_stages=(False, False, False), stem_mamba=stem_mamba,
                                        d_state=d_state, d_conv=d_conv, expand=expand)
         self.decoder = SkipScaledDecoder(self.encoder.output_channels, num_landmarks,
-                                         deep_supervision=False)
-        # heatmaps are regressed at full resolution only: drop the decoder's
-        # deep-supervision heads, which would be parameters without gradients
-        self.decoder.ds_heads = nn.ModuleList()
+                                         deep_supervision=False, ds_heads=False)
         # zero-initialised heatmap head: the output starts at 0, the value of almost every
         # target voxel, so the first updates follow the landmark peaks instead of shrinking
         # a random output (whose large early gradients would also inflate Adam's second
@@ -97,18 +94,3 @@ class ResUNetLandmark(HeatmapUNet):
                  blocks_per_stage: int = 3):
         super().__init__(in_channels, num_landmarks, base_channels, blocks_per_stage,
                          stem_mamba=False)
-
-
-#: ``--model`` names of the landmark CLI -> network class
-LANDMARK_NETWORKS = {"nnmamba": nnMambaLandmark, "resunet": ResUNetLandmark}
-
-
-def build_landmark_network(name: str, in_channels: int, num_landmarks: int,
-                           **kwargs) -> HeatmapUNet:
-    """The network called ``name`` ('nnmamba' or 'resunet') with the given options."""
-    try:
-        cls = LANDMARK_NETWORKS[name]
-    except KeyError:
-        raise ValueError(f"unknown landmark network {name!r}; choose from "
-                         f"{', '.join(LANDMARK_NETWORKS)}") from None
-    return cls(in_channels, num_landmarks, **kwargs)

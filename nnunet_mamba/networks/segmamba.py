@@ -42,7 +42,8 @@ import torch
 import torch.nn as nn
 
 from ..ssm import FORWARD, INTER_SLICE, REVERSE, MultiScanMamba
-from .blocks import ConvOps, Size, crop_to, pad_to_multiple, per_axis, plans_levels
+from .blocks import ConvOps, Size, crop_to, pad_to_multiple, per_axis
+from .from_plans import plans_levels
 from .mamba_layers import FeatureMapSequenceMixer
 
 #: SegMamba's convolutions: 3D, InstanceNorm without affine parameters (as the public code)

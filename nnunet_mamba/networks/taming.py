@@ -38,7 +38,8 @@ from dynamic_network_architectures.initialization.weight_init import (InitWeight
 
 from ..ssm import AXIS_PERMUTATIONS, FORWARD, INTER_SLICE
 from .mamba_layers import (BidirectionalMambaBlock, FeatureMapMamba, MambaAfterStagesMixin,
-                           PreNormMambaBlock, stage_flags, unet_kwargs_from_plans)
+                           PreNormMambaBlock, stage_flags)
+from .from_plans import unet_kwargs_from_plans
 
 
 class MambaResidualEncoder(MambaAfterStagesMixin, ResidualEncoder):

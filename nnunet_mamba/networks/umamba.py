@@ -30,8 +30,8 @@ from dynamic_network_architectures.building_blocks.residual import BasicBlockD
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He
 
 from ..ssm import Mamba
-from .mamba_layers import (FeatureMapMamba, MambaAfterStagesMixin, stage_flags,
-                           unet_kwargs_from_plans)
+from .from_plans import unet_kwargs_from_plans
+from .mamba_layers import FeatureMapMamba, MambaAfterStagesMixin, stage_flags
 
 
 class ProjectedResidualBlock(nn.Module):

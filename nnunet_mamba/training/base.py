@@ -124,7 +124,7 @@ class MambaTrainerBase(GPUAugmentationMixin, nnUNetTrainer):
                                  enable_deep_supervision and cls.supports_deep_supervision)
 
     def initialize(self):
-        from nnunet_mamba.networks.blocks import PlansConfigurationError
+        from nnunet_mamba.networks.from_plans import PlansConfigurationError
         try:
             super().initialize()
         except PlansConfigurationError as e:
