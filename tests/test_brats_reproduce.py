@@ -32,7 +32,7 @@ from nnunet_mamba.brats.table1 import PAPER_TABLE1, Table1Row, format_table1_mar
 from nnunet_mamba.cli import main
 from nnunet_mamba.errors import UserError
 from nnunet_mamba.nnunet.commands import nnunet_env
-from nnunet_mamba.nnunet.folders import NnUNetFolders
+from nnunet_mamba.nnunet.folders import NnUNetFolders, environ_set
 
 TRAINERS = ("nnMambaTrainer_smoke", "UNETRTrainer_smoke")
 DATASET_ID = 42
@@ -66,30 +66,24 @@ def reproduced(tmp_path_factory):
     # fewer worker processes on a 2-core CI machine: augmentation in the training process
     # itself, one export worker (reproduce passes the user's values through)
     env.update({"nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1"})
-    saved = {k: os.environ.get(k) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results",
-                                            "nnUNet_n_proc_DA", "nnUNet_def_n_proc")}
-    os.environ.update({k: env[k] for k in saved})
+    keys = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_n_proc_DA", "nnUNet_def_n_proc")
     try:
-        t0 = time.time()
-        first = _run_cli(_args(src, work, preset))
-        first_seconds = time.time() - t0
-        assert first[0] == 0, f"reproduce failed:\n{first[1][-4000:]}\n{first[2][-4000:]}"
-        out = work / "nnUNet_results" / f"Dataset{DATASET_ID:03d}_BraTS2023GLI" / "reproduce_table1"
-        stamps = {p: p.stat().st_mtime_ns for p in sorted((work / "nnUNet_results").rglob("checkpoint_final.pth"))}
-        stamps.update({p: p.stat().st_mtime_ns for p in sorted((out / "predictions").rglob("*.nii.gz"))})
-        first_json = json.loads((out / "reproduce.json").read_text())
-        t0 = time.time()
-        second = _run_cli(_args(src, work, preset))
-        second_seconds = time.time() - t0
-        yield {"src": src, "work": work, "preset": preset, "out": out, "first": first, "second": second,
-               "first_seconds": first_seconds, "second_seconds": second_seconds, "stamps": stamps,
-               "first_json": first_json}
+        with environ_set({k: env[k] for k in keys}):
+            t0 = time.time()
+            first = _run_cli(_args(src, work, preset))
+            first_seconds = time.time() - t0
+            assert first[0] == 0, f"reproduce failed:\n{first[1][-4000:]}\n{first[2][-4000:]}"
+            out = work / "nnUNet_results" / f"Dataset{DATASET_ID:03d}_BraTS2023GLI" / "reproduce_table1"
+            stamps = {p: p.stat().st_mtime_ns for p in sorted((work / "nnUNet_results").rglob("checkpoint_final.pth"))}
+            stamps.update({p: p.stat().st_mtime_ns for p in sorted((out / "predictions").rglob("*.nii.gz"))})
+            first_json = json.loads((out / "reproduce.json").read_text())
+            t0 = time.time()
+            second = _run_cli(_args(src, work, preset))
+            second_seconds = time.time() - t0
+            yield {"src": src, "work": work, "preset": preset, "out": out, "first": first, "second": second,
+                   "first_seconds": first_seconds, "second_seconds": second_seconds, "stamps": stamps,
+                   "first_json": first_json}
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         shutil.rmtree(root, ignore_errors=True)  # UNETR checkpoints are ~1.2 GB each
 
 
