@@ -132,6 +132,36 @@ def test_intensity_steps_equal_nnunet(name, dim):
             torch.testing.assert_close(gpu[b], cpu, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("dim,pseudo2d", [(2, False), (3, False), (3, True)])
+def test_cropping_to_the_needed_box_leaves_the_spatial_result_unchanged(dim, pseudo2d):
+    """CroppingLoader sends only SpatialStep.needed_extent of nnU-Net's enlarged patch."""
+    from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
+    patch = (20, 24, 18)[:dim] if not pseudo2d else (6, 24, 18)
+    rot = ROT180 if dim == 2 or pseudo2d else ROT3D
+    plane = patch[1:] if pseudo2d else patch
+    initial = tuple(int(i) for i in get_patch_size(plane, rot, rot, rot, (0.85, 1.25)))
+    initial = (patch[0],) + initial if pseudo2d else initial
+    t = copy.deepcopy(nnunet_transforms(plane, rot).transforms[0])
+    step = SpatialStep(t, pseudo2d, [0, 1, 2])
+    n, boxes = 6, []
+    imgs = torch.stack([image(initial, seed=s) for s in range(n)])
+    segs = torch.stack([blobs(initial, seed=s) for s in range(n)])
+    np.random.seed(0)
+    for p_transform in (0.0, 1.0, 0.3):
+        t.p_rotation = t.p_scaling = p_transform
+        params = step.sample(n, 2)
+        extent = step.needed_extent(params, initial)
+        boxes.append(extent)
+        box = (slice(None), slice(None)) + ops.center_crop_slices(initial, extent)
+        full_i, full_s = step.apply(imgs.clone(), segs.clone(), params)
+        cut_i, cut_s = step.apply(imgs[box].clone(), segs[box].clone(), params)
+        torch.testing.assert_close(cut_i, full_i, atol=1e-4, rtol=1e-4)
+        assert (cut_s == full_s).float().mean() > 0.999, "labels differ beyond isolated ties"
+        assert all(e <= i for e, i in zip(extent, initial))
+    assert all(0 <= b - p <= 1 for b, p in zip(boxes[0], patch)), "no rotation/scaling: the final patch"
+    assert np.prod(boxes[0]) < np.prod(initial)
+
+
 def test_gaussian_noise_matches_nnunet_parameters():
     patch = (24, 24, 24)
     aug = GPUAugmentation.from_nnunet(nnunet_transforms(patch), [0, 1, 2], 3)

@@ -286,21 +286,14 @@ def split_cases(case_ids, seed: int = DEFAULT_SEED, fractions=None) -> DatasetSp
 
 
 def cross_validation_folds(case_ids, seed: int = DEFAULT_SEED, n_folds: int = N_FOLDS) -> list[dict]:
-    """``n_folds`` folds in nnU-Net's ``splits_final.json`` format over ``case_ids``.
-
-    The sorted list is permuted with ``RandomState(seed)`` and cut by ``numpy.array_split``;
-    the validation sets partition the cases.
+    """``n_folds`` folds in nnU-Net's ``splits_final.json`` format over ``case_ids``: the
+    shared seeded k-fold split (:func:`nnunet_mamba.runkit.splits.kfold_split`) with
+    ``RandomState(seed)``, the generator BraTS splits were always made with (the sorted list
+    permuted, cut by ``numpy.array_split``; the validation sets partition the cases).
     """
-    pool = sorted(case_ids)
-    if len(pool) < n_folds:
-        raise UserError(f"{len(pool)} case(s) are too few for {n_folds}-fold cross-validation")
-    order = np.random.RandomState(seed).permutation(len(pool))
-    folds = []
-    for chunk in np.array_split(order, n_folds):
-        val = sorted(pool[i] for i in chunk)
-        held = set(val)
-        folds.append({"train": [c for c in pool if c not in held], "val": val})
-    return folds
+    from ..runkit.splits import kfold_split
+
+    return kfold_split(case_ids, n_folds, seed, generator="mt19937")
 
 
 def nnunet_splits(split: DatasetSplit) -> list[dict]:

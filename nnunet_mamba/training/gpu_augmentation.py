@@ -115,6 +115,30 @@ class SpatialStep(Step):
                     create_affine_matrix_2d(angles[-1], scales)
         return {"affines": affines, "transformed": transformed}
 
+    def needed_extent(self, params: dict, in_shape: Sequence[int]) -> tuple:
+        """The smallest box, centred like ``in_shape``, that this batch's transforms read.
+
+        Samples without rotation/scaling read the final patch; a rotated or scaled one reads
+        the bounding box of its transformed patch plus two voxels for the linear
+        interpolation. Each axis keeps the parity of ``in_shape`` (same centre), at most
+        ``in_shape`` (where the enlarged patch is needed whole). Pseudo-2D: the first axis
+        is kept whole. Cropping the input to this box leaves :meth:`apply`'s result unchanged.
+        """
+        in_shape = [int(s) for s in in_shape]
+        lead = in_shape[:1] if self.pseudo2d else []
+        plane = in_shape[len(lead):]
+        need = np.asarray(self.patch_size, np.float64)
+        half = (need - 1) / 2
+        corners = np.array(np.meshgrid(*[[-h, h] for h in half], indexing="ij")).reshape(len(half), -1)
+        for b in np.flatnonzero(params["transformed"]):
+            reach = np.abs(np.asarray(params["affines"][b], np.float64) @ corners).max(1)
+            need = np.maximum(need, 2 * reach + 4)
+        out = []
+        for n, s in zip(np.ceil(need).astype(int), plane):
+            n += (n - s) % 2  # the parity of the input: the same centre after a centred crop
+            out.append(min(int(n), s))
+        return tuple(lead + out)
+
     def apply(self, img, seg, params):
         b = img.shape[0]
         if self.pseudo2d:  # (B, C, Z, Y, X) -> (B, C*Z, Y, X), as Convert3DTo2DTransform
@@ -285,9 +309,15 @@ class GPUAugmentation:
             raise UnsupportedTransform("the pipeline has no SpatialTransform to cut the final patch")
         return cls(steps, label_values)
 
-    def sample(self, n_samples: int, n_channels: int) -> list:
-        """Parameters of every step for one batch (host side, nnU-Net's random draws)."""
-        return [s.sample(n_samples, n_channels) for s in self.steps]
+    @property
+    def spatial_step(self) -> SpatialStep:
+        return next(s for s in self.steps if isinstance(s, SpatialStep))
+
+    def sample(self, n_samples: int, n_channels: int, spatial: Optional[dict] = None) -> list:
+        """Parameters of every step for one batch (host side, nnU-Net's random draws);
+        ``spatial``: the spatial step's parameters when they were drawn already (by the loader)."""
+        return [spatial if spatial is not None and isinstance(s, SpatialStep) else s.sample(n_samples, n_channels)
+                for s in self.steps]
 
     def _check_labels(self, seg: torch.Tensor):
         present = set(torch.unique(seg).tolist()) - {-1}
@@ -299,11 +329,15 @@ class GPUAugmentation:
         self._checked = True
 
     @torch.no_grad()
-    def __call__(self, data: torch.Tensor, target: torch.Tensor, params: Optional[list] = None):
+    def __call__(self, data: torch.Tensor, target: torch.Tensor, params: Optional[list] = None,
+                 spatial: Optional[dict] = None):
+        """``spatial``: the spatial step's parameters drawn by :class:`CroppingLoader` (which
+        then cut the input to what they read); the other steps draw theirs here."""
         if not self._checked:
             self._check_labels(target)
-        params = self.sample(data.shape[0], data.shape[1]) if params is None else params
-        img, seg = data.float().contiguous(), target.contiguous()
+        params = self.sample(data.shape[0], data.shape[1], spatial) if params is None else params
+        img = data.float().contiguous()
+        seg = target.to(torch.int16).contiguous() if target.dtype == torch.int8 else target.contiguous()
         for step, prm in zip(self.steps, params):
             img, seg = step.apply(img, seg, prm)
         return img.contiguous(), seg

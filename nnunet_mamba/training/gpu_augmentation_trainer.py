@@ -22,9 +22,12 @@ from __future__ import annotations
 import os
 from typing import ClassVar, Optional
 
+import numpy as np
 import torch
+from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 
-from nnunet_mamba.training.gpu_augmentation import GPUAugmentation, UnsupportedTransform
+from nnunet_mamba.training.gpu_augmentation import GPUAugmentation, SpatialStep, UnsupportedTransform
+from nnunet_mamba.training.gpu_augmentation_ops import center_crop_slices
 
 ENV = "NNUNET_MAMBA_GPU_AUGMENTATION"
 _ON, _OFF = ("1", "true", "on", "yes"), ("0", "false", "off", "no")
@@ -46,6 +49,50 @@ def gpu_augmentation_setting(device: torch.device, class_setting: Optional[bool]
     if device.type == "cuda":
         return True, "CUDA device (set NNUNET_MAMBA_GPU_AUGMENTATION=0 for nnU-Net's CPU augmentation)"
     return False, f"device {device.type} (GPU augmentation is automatic on CUDA only)"
+
+
+FLOAT16_MAX = 65504.0
+CROP_ENV = "NNUNET_MAMBA_GPU_AUGMENTATION_CROP"  # "batch" (default) or "full": see CroppingLoader
+
+
+class CroppingLoader(nnUNetDataLoader):
+    """nnU-Net's training loader for the GPU path: load and crop only, and send little.
+
+    Sampling is nnU-Net's own (``generate_train_batch`` without transforms: its cases, its
+    foreground oversampling, crops of its enlarged initial patch). Then, in the worker, the
+    batch's rotation/scaling parameters are drawn (``spatial_step.sample``, nnU-Net's draws)
+    and only the centred box that they read is kept (:meth:`SpatialStep.needed_extent`): the
+    final patch when no sample is rotated or scaled, which nnU-Net's default probabilities
+    make the common case. Images travel as float16 (float32 if a value exceeds float16's
+    range; the network sees float16 under AMP anyway), labels as int8 when they fit. For
+    BraTS plans (patch 112x160x128, enlarged 208x238x196) that is ~4-8x fewer bytes to pass
+    between processes, pin and copy to the GPU than the whole enlarged patch in float32.
+
+    Returns ``{'data': (B, C, *box), 'target': (B, Cs, *box), 'keys', 'spatial': params}``;
+    :class:`GPUAugmentedLoader` hands ``spatial`` to :class:`GPUAugmentation`.
+    ``crop='full'`` keeps the whole enlarged patch in float32 (for comparisons).
+    """
+
+    def __init__(self, *args, spatial_step: SpatialStep, crop: str = "batch", **kwargs):
+        super().__init__(*args, transforms=None, **kwargs)
+        if crop not in ("batch", "full"):
+            raise ValueError(f"{CROP_ENV}={crop!r} is not understood. Fix: 'batch' (default) or 'full'")
+        self.spatial_step, self.crop = spatial_step, crop
+
+    def generate_train_batch(self) -> dict:
+        batch = super().generate_train_batch()
+        data, seg = batch["data"], batch["target"]
+        spatial = self.spatial_step.sample(data.shape[0], data.shape[1])
+        if self.crop == "full":
+            return {**batch, "spatial": spatial}
+        box = (slice(None), slice(None)) + center_crop_slices(
+            data.shape[2:], self.spatial_step.needed_extent(spatial, data.shape[2:]))
+        data, seg = data[box], seg[box]
+        fits16 = float(data.abs().max()) <= FLOAT16_MAX if data.numel() else True
+        data = data.to(torch.float16) if fits16 else data.contiguous()
+        seg = seg.to(torch.int8) if seg.numel() and -128 <= int(seg.min()) and int(seg.max()) <= 127 \
+            else seg.contiguous()
+        return {"data": data, "target": seg, "keys": batch["keys"], "spatial": spatial}
 
 
 class GPUAugmentedLoader:
@@ -80,7 +127,7 @@ class GPUAugmentedLoader:
             batch["data"].record_stream(current)
             batch["target"].record_stream(current)
         self._ahead = self._fetch() if self.stream is not None else None
-        data, target = self.augmentation(batch["data"], batch["target"])
+        data, target = self.augmentation(batch["data"], batch["target"], spatial=batch.get("spatial"))
         return {**batch, "data": data, "target": target}
 
     next = __next__
@@ -97,40 +144,59 @@ class GPUAugmentationMixin:
     gpu_augmentation: ClassVar[Optional[bool]] = None
 
     def get_dataloaders(self):
+        """nnU-Net's ``get_dataloaders`` with the training loader replaced by
+        :class:`CroppingLoader` + :class:`GPUAugmentedLoader` (validation unchanged)."""
         self.gpu_augmenter = None
         on, reason = gpu_augmentation_setting(self.device, self.gpu_augmentation)
         if not on:
             self.print_to_log_file(f"GPU augmentation off: {reason}")
             return super().get_dataloaders()
-        built = {}
-        nnunet_transforms = self.get_training_transforms  # nnU-Net's (static) method, or a subclass's
+        from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+        from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
+        from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
-        def translate(patch_size, *args, **kwargs):
-            transforms = nnunet_transforms(patch_size, *args, **kwargs)
-            labels = list(self.label_manager.all_labels)
-            if self.label_manager.ignore_label is not None:
-                labels.append(self.label_manager.ignore_label)
-            try:
-                built["aug"] = GPUAugmentation.from_nnunet(transforms, labels, len(patch_size))
-            except UnsupportedTransform as e:
-                built["why"] = str(e)
-                return transforms
-            return None  # the loader then returns its crops of the enlarged patch, untransformed
-
-        # the instance attribute shadows the static method for this one call of nnU-Net's code
-        self.get_training_transforms = translate
+        cm, lm = self.configuration_manager, self.label_manager
+        ds_scales = self._get_deep_supervision_scales()
+        rotation, dummy_2d, initial_patch, mirror_axes = \
+            self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        regions = lm.foreground_regions if lm.has_regions else None
+        transforms = self.get_training_transforms(
+            cm.patch_size, rotation, ds_scales, mirror_axes, dummy_2d, use_mask_for_norm=cm.use_mask_for_norm,
+            is_cascaded=self.is_cascaded, foreground_labels=lm.foreground_labels, regions=regions,
+            ignore_label=lm.ignore_label)
+        labels = list(lm.all_labels) + ([lm.ignore_label] if lm.ignore_label is not None else [])
         try:
-            dl_train, dl_val = super().get_dataloaders()
-        finally:
-            del self.get_training_transforms
-        if "aug" not in built:
-            self.print_to_log_file(f"GPU augmentation off: {built.get('why', 'no training transforms')}; "
-                                   "nnU-Net's CPU augmentation is used")
-            return dl_train, dl_val
-        self.gpu_augmenter = built["aug"]
-        self.print_to_log_file(f"GPU augmentation on ({reason}): CPU workers load and crop, "
-                               f"{len(self.gpu_augmenter.steps)} batched steps run on {self.device}")
-        return GPUAugmentedLoader(dl_train, self.gpu_augmenter, self.device), dl_val
+            augmentation = GPUAugmentation.from_nnunet(transforms, labels, len(cm.patch_size))
+        except UnsupportedTransform as e:
+            self.print_to_log_file(f"GPU augmentation off: {e}; nnU-Net's CPU augmentation is used")
+            return super().get_dataloaders()
+        val_transforms = self.get_validation_transforms(ds_scales, is_cascaded=self.is_cascaded,
+                                                        foreground_labels=lm.foreground_labels,
+                                                        regions=regions, ignore_label=lm.ignore_label)
+        dataset_tr, dataset_val = self.get_tr_and_val_datasets()
+        common = dict(oversample_foreground_percent=self.oversample_foreground_percent,
+                      sampling_probabilities=None, pad_sides=None,
+                      probabilistic_oversampling=self.probabilistic_oversampling)
+        dl_tr = CroppingLoader(dataset_tr, self.batch_size, initial_patch, cm.patch_size, lm,
+                               spatial_step=augmentation.spatial_step,
+                               crop=os.environ.get(CROP_ENV, "batch").strip().lower() or "batch", **common)
+        dl_val = nnUNetDataLoader(dataset_val, self.batch_size, cm.patch_size, cm.patch_size, lm,
+                                  transforms=val_transforms, **common)
+        n_proc = get_allowed_n_proc_DA()
+        if n_proc == 0:
+            mt_train, mt_val = SingleThreadedAugmenter(dl_tr, None), SingleThreadedAugmenter(dl_val, None)
+        else:  # nnU-Net's worker counts and queue lengths
+            pin = self.device.type == "cuda"
+            mt_train = NonDetMultiThreadedAugmenter(dl_tr, None, n_proc, max(6, n_proc // 2), None,
+                                                    pin_memory=pin, wait_time=0.002)
+            mt_val = NonDetMultiThreadedAugmenter(dl_val, None, max(1, n_proc // 2), max(3, n_proc // 4), None,
+                                                  pin_memory=pin, wait_time=0.002)
+        self.gpu_augmenter = augmentation
+        self.print_to_log_file(f"GPU augmentation on ({reason}): CPU workers load and crop ({dl_tr.crop} box), "
+                               f"{len(augmentation.steps)} batched steps run on {self.device}")
+        train = GPUAugmentedLoader(mt_train, augmentation, self.device)
+        _ = next(mt_train), next(mt_val)  # start the workers, as nnU-Net does
+        return train, mt_val
 
     def on_train_end(self):
         if isinstance(self.dataloader_train, GPUAugmentedLoader):
