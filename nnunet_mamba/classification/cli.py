@@ -11,9 +11,14 @@ from __future__ import annotations
 import argparse
 
 from ..errors import UserError
+from ..networks.registry import CLASSIFICATION_NETWORKS
+from .preprocessing import PreprocessingConfig
+from .trainer import LR_SCHEDULES, OPTIMIZERS, TrainSettings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # defaults: the options dataclasses (TrainSettings, PreprocessingConfig), nowhere else
+    s, pre = TrainSettings(), PreprocessingConfig()
     sub = parser.add_subparsers(dest="action", metavar="ACTION")
     sub.required = True
     t = sub.add_parser("train", help="cross-validated training and evaluation",
@@ -29,35 +34,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "class (default: inferred from the labels, sorted)")
     t.add_argument("--target-spacing", nargs=3, type=float, default=None, metavar=("X", "Y", "Z"),
                    help="resample to this spacing in mm (default: median of the images)")
-    t.add_argument("--size", nargs=3, type=int, default=[96, 96, 96], metavar=("X", "Y", "Z"),
+    t.add_argument("--size", nargs=3, type=int, default=list(pre.size), metavar=("X", "Y", "Z"),
                    help="centre crop / zero pad to this many voxels after resampling")
-    t.add_argument("--orientation", default="RAS", help="SimpleITK DICOMOrient code")
+    t.add_argument("--orientation", default=pre.orientation, help="SimpleITK DICOMOrient code")
     t.add_argument("--nonzero-norm", action="store_true",
                    help="z-score over the non-zero region only (skull-stripped images)")
-    t.add_argument("--model", choices=("nnmamba", "resnet"), default="nnmamba")
-    t.add_argument("--base-channels", type=int, default=32,
+    t.add_argument("--model", choices=tuple(CLASSIFICATION_NETWORKS), default=s.model)
+    t.add_argument("--base-channels", type=int, default=s.base_channels,
                    help="stem width; stages use 2x, 4x, 8x (paper: 32)")
-    t.add_argument("--blocks-per-stage", type=int, default=3,
+    t.add_argument("--blocks-per-stage", type=int, default=s.blocks_per_stage,
                    help="residual blocks per encoder stage (paper: 3)")
-    t.add_argument("--epochs", type=int, default=100)
-    t.add_argument("--batch-size", type=int, default=2)
-    t.add_argument("--optimizer", choices=("adam", "adamw"), default="adam",
+    t.add_argument("--epochs", type=int, default=s.epochs)
+    t.add_argument("--batch-size", type=int, default=s.batch_size)
+    t.add_argument("--optimizer", choices=OPTIMIZERS, default=s.optimizer,
                    help="paper Sec. 3.1: Adam; the authors' public classifier: AdamW lr 1e-4")
-    t.add_argument("--lr", type=float, default=2e-3)
-    t.add_argument("--weight-decay", type=float, default=1e-3)
-    t.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant")
-    t.add_argument("--folds", type=int, default=5)
-    t.add_argument("--val-fraction", type=float, default=0.2,
+    t.add_argument("--lr", type=float, default=s.lr)
+    t.add_argument("--weight-decay", type=float, default=s.weight_decay,
+                   help="not applied to Mamba's A_log and D")
+    t.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=s.lr_schedule)
+    t.add_argument("--folds", type=int, default=s.folds)
+    t.add_argument("--val-fraction", type=float, default=s.val_fraction,
                    help="share of each fold's training subjects used for model selection")
-    t.add_argument("--threshold", default="youden",
+    t.add_argument("--threshold", default=s.threshold,
                    help="binary decision threshold: 'youden' (chosen on validation) or a number")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=s.seed)
     t.add_argument("--no-augment", action="store_true", help="train without augmentation")
-    t.add_argument("--mirror-axes", nargs="*", type=int, default=[0, 1, 2],
+    t.add_argument("--mirror-axes", nargs="*", type=int, default=list(s.mirror_axes),
                    help="array axes (0 z, 1 y, 2 x) for random mirroring; none to disable")
-    t.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    t.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes")
-    t.add_argument("--num-processes", type=int, default=1, help="preprocessing processes")
+    t.add_argument("--device", default=s.device, help="auto, cpu, cuda, cuda:1, ...")
+    t.add_argument("--num-workers", type=int, default=s.num_workers,
+                   help="data-loader worker processes")
+    t.add_argument("--num-processes", type=int, default=s.num_processes,
+                   help="preprocessing processes")
     t.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
 
     p = sub.add_parser("predict", help="class probabilities per subject (fold ensemble)",
@@ -66,8 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--csv", required=True, help="CSV with the training's id and image columns")
     p.add_argument("--out", required=True, help="output CSV of probabilities")
     p.add_argument("--folds", nargs="+", type=int, default=None, help="default: all folds")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--num-processes", type=int, default=1, help="preprocessing processes")
+    p.add_argument("--device", default=s.device)
+    p.add_argument("--num-processes", type=int, default=s.num_processes,
+                   help="preprocessing processes")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
 
@@ -83,9 +92,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .preprocessing import PreprocessingConfig
     from .table import read_table
-    from .trainer import TrainSettings, cross_validate
+    from .trainer import cross_validate
 
     settings = TrainSettings(
         model=args.model, base_channels=args.base_channels,

@@ -19,20 +19,19 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..safe_io import atomic_open, check_output_file, confined, load_json
+from ..runkit import resolve_device
+from ..runkit.model_folder import check_folds
+from ..safe_io import atomic_open, check_output_file
 from .preprocessing import PreprocessingConfig, check_images, preprocess_table
 from .table import read_table
-from .trainer import PLANS_FILE, build_model, mean_per_subject, predict_probabilities, \
-    resolve_device
+from .trainer import PLANS_FILE, build_model, mean_per_subject, model_folder, \
+    predict_probabilities
 
 
 def load_plans(model_dir: Path) -> dict:
-    path = Path(model_dir) / PLANS_FILE
-    if not path.is_file():
-        raise UserError(f"{model_dir}: no {PLANS_FILE}; pass the --out folder of "
-                        "'nnmamba cls train' as --model")
-    plans = load_json(path, "restore the file written by 'nnmamba cls train'")
-    if not isinstance(plans, dict) or not isinstance(plans.get("folds", []), list):
+    folder = model_folder(model_dir)
+    plans, path = folder.read_config(), folder.config_path
+    if not isinstance(plans.get("folds", []), list):
         raise UserError(f"{path}: not a plans file of 'nnmamba cls train'; pass its --out folder")
     if not plans.get("folds"):
         raise UserError(f"{path}: no trained fold yet; let 'nnmamba cls train' finish a fold")
@@ -54,31 +53,13 @@ def _check_columns(csv_path: Path, needed: Sequence[str], model_dir: Path) -> No
 def load_fold_models(model_dir: Path, plans: dict, device: torch.device,
                      folds: Optional[Sequence[int]] = None):
     """[(fold entry, model in eval mode)] for the requested folds (default: all trained)."""
-    entries = plans["folds"]
-    if folds is not None:
-        known = {e["fold"] for e in entries}
-        missing = sorted(set(folds) - known)
-        if missing:
-            raise UserError(f"{model_dir}: fold(s) {missing} not trained (trained: "
-                            f"{sorted(known)}); fix --folds")
-        entries = [e for e in entries if e["fold"] in set(folds)]
-    models = []
-    for e in entries:
-        path = confined(model_dir, e["checkpoint"], f"checkpoint of fold {e['fold']}")
-        if not path.is_file():
-            raise UserError(f"{path}: checkpoint missing; re-run training or drop fold "
-                            f"{e['fold']} with --folds")
-        try:  # tensors, strings and numbers only: no code runs from a checkpoint
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # UnpicklingError for anything but plain data
-            raise UserError(f"{path}: not a checkpoint of 'nnmamba cls train' (it holds more than "
-                            f"tensors, strings and numbers, or is damaged: {type(err).__name__}); "
-                            "restore it from the training run") from None
-        model = build_model(ckpt["model"], ckpt["in_channels"], ckpt["num_classes"],
-                            **ckpt["model_kwargs"])
-        model.load_state_dict(ckpt["state_dict"])
-        models.append((e, model.to(device).eval()))
-    return models
+    trained = {e["fold"]: e for e in plans["folds"]}
+    entries = [trained[k] for k in check_folds(folds, list(trained), model_dir)]
+    models = model_folder(model_dir).load_ensemble(
+        {e["fold"]: e["checkpoint"] for e in entries},
+        lambda ckpt: build_model(ckpt["model"], ckpt["in_channels"], ckpt["num_classes"],
+                                 **ckpt["model_kwargs"]), device)
+    return list(zip(entries, models))
 
 
 def predict_csv(model_dir: str | Path, csv_path: str | Path, out_csv: str | Path,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import csv
 import json
-import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,9 +27,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tqdm import tqdm
+
 from ..errors import UserError
+from ..networks import registry
+from ..runkit import (ModelFolder, RunLog, make_optimizer, optimisation_step, resolve_device,
+                      save_checkpoint, seed_everything)
+from ..runkit.figures import plot_roc_curves, plot_training_curves
 from ..safe_io import write_json
-from ..networks.nnmamba_cls import ResNet3D, nnMambaCls
 from .augmentation import ClassificationAugmentation
 from .metrics import (METRIC_NAMES, binary_metrics, markdown_table, multiclass_metrics,
                       roc_auc, roc_curve, summarize, youden_threshold)
@@ -38,9 +42,16 @@ from .preprocessing import PreprocessingConfig, check_images, median_spacing, pr
 from .splits import FoldSplit, make_folds
 from .table import ClassificationTable
 
-MODELS = {"nnmamba": nnMambaCls, "resnet": ResNet3D}
 PLANS_FILE = "plans.json"
 CHECKPOINT = "checkpoint_best.pth"
+#: ``--optimizer`` and ``--lr-schedule`` choices
+OPTIMIZERS = ("adam", "adamw")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def model_folder(path) -> ModelFolder:
+    """The layout of a classification model folder (``--out`` of ``nnmamba cls train``)."""
+    return ModelFolder(path, PLANS_FILE, "nnmamba cls train")
 
 
 @dataclass
@@ -70,12 +81,12 @@ class TrainSettings:
         return {"base_channels": self.base_channels, "blocks_per_stage": self.blocks_per_stage}
 
     def check(self) -> None:
-        if self.model not in MODELS:
-            raise UserError(f"--model {self.model!r}: choose from {', '.join(MODELS)}")
-        if self.optimizer not in ("adam", "adamw"):
-            raise UserError(f"--optimizer {self.optimizer!r}: choose adam or adamw")
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise UserError(f"--lr-schedule {self.lr_schedule!r}: choose constant or cosine")
+        registry.check_name("classification", self.model)
+        if self.optimizer not in OPTIMIZERS:
+            raise UserError(f"--optimizer {self.optimizer!r}: choose from {', '.join(OPTIMIZERS)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise UserError(f"--lr-schedule {self.lr_schedule!r}: choose from "
+                            f"{', '.join(LR_SCHEDULES)}")
         if min(self.epochs, self.batch_size, self.base_channels, self.blocks_per_stage) < 1:
             raise UserError("--epochs, --batch-size, --base-channels and --blocks-per-stage must "
                             "be positive")
@@ -92,20 +103,8 @@ class TrainSettings:
             raise UserError(f"--mirror-axes {self.mirror_axes}: axes are 0, 1, 2 (z, y, x)")
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} is not a torch device (use auto, cpu, cuda, cuda:1)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available to torch; use --device cpu")
-    return device
-
-
 def build_model(name: str, in_channels: int, num_classes: int, **kwargs) -> nn.Module:
-    return MODELS[name](in_channels, num_classes, **kwargs)
+    return registry.build("classification", name, in_channels, num_classes, **kwargs)
 
 
 class VolumeDataset(torch.utils.data.Dataset):
@@ -125,32 +124,9 @@ class VolumeDataset(torch.utils.data.Dataset):
         return x.float(), self.labels[i]
 
 
-class RunLog:
-    """Appends lines to a log file and echoes them on the console (through tqdm when a bar
-    is showing)."""
-
-    def __init__(self, path: Path, echo: bool = True):
-        self.path, self.echo = Path(path), echo
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-
-    def __call__(self, line: str, console: bool = True) -> None:
-        with open(self.path, "a") as f:
-            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
-        if self.echo and console:
-            try:
-                from tqdm import tqdm
-                tqdm.write(line, file=sys.stdout)
-            except ImportError:
-                print(line, flush=True)
-
-
 def _progress(iterable, desc: str):
-    """tqdm bar when tqdm is installed, else the plain iterable (epoch lines are printed)."""
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return iterable, False
-    return tqdm(iterable, desc=desc, unit="epoch", file=sys.stdout, dynamic_ncols=True), True
+    """A tqdm bar over the epochs (the epoch lines then go to the log file only)."""
+    return tqdm(iterable, desc=desc, unit="epoch", file=sys.stdout, dynamic_ncols=True)
 
 
 @torch.no_grad()
@@ -188,22 +164,6 @@ def selection_auc(y: np.ndarray, prob: np.ndarray) -> float:
     return roc_auc(y == 1, prob[:, 1]) if prob.shape[1] == 2 else multiclass_metrics(y, prob)["AUC"]
 
 
-def _optimizer(model: nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for p in model.parameters():
-        (no_decay if getattr(p, "_no_weight_decay", False) else decay).append(p)
-    groups = [{"params": decay, "weight_decay": s.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]  # Mamba's A_log and D, as mamba-ssm
-    cls = torch.optim.Adam if s.optimizer == "adam" else torch.optim.AdamW
-    return cls(groups, lr=s.lr)
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 @dataclass
 class FoldResult:
     fold: int
@@ -224,10 +184,10 @@ def train_fold(split: FoldSplit, files: Sequence[Path], labels: Sequence[int],
     """Train one fold; select checkpoint and threshold on its validation part; test once."""
     s = settings
     fold_dir.mkdir(parents=True, exist_ok=True)
-    _seed_everything(s.seed * 1000 + split.fold)
+    seed_everything(s.seed * 1000 + split.fold)
     model_kwargs = s.model_kwargs()
     model = build_model(s.model, in_channels, num_classes, **model_kwargs).to(device)
-    optimizer = _optimizer(model, s)
+    optimizer = make_optimizer(s.optimizer, model, s.lr, s.weight_decay)
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=s.epochs)
                  if s.lr_schedule == "cosine" else None)
     augment = (ClassificationAugmentation(size_zyx, mirror_axes=s.mirror_axes)
@@ -244,20 +204,15 @@ def train_fold(split: FoldSplit, files: Sequence[Path], labels: Sequence[int],
     val_y = val_y.astype(int)
 
     history, best, best_key, best_state = [], None, None, None
-    epochs, has_bar = _progress(range(1, s.epochs + 1), f"fold {split.fold}")
+    epochs = _progress(range(1, s.epochs + 1), f"fold {split.fold}")
     for epoch in epochs:
         model.train()
         t0, total, n = time.time(), 0.0, 0
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss = F.cross_entropy(model(x), y)
-            if not torch.isfinite(loss):
-                raise UserError(f"fold {split.fold}, epoch {epoch}: the training loss became "
-                                f"{loss.item()}; lower --lr (now {s.lr})")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(y)
+            loss = optimisation_step(optimizer, F.cross_entropy(model(x), y),
+                                     f"fold {split.fold}, epoch {epoch}", s.lr)
+            total += loss * len(y)
             n += len(y)
         if scheduler is not None:
             scheduler.step()
@@ -277,12 +232,10 @@ def train_fold(split: FoldSplit, files: Sequence[Path], labels: Sequence[int],
         line = (f"fold {split.fold} epoch {epoch}/{s.epochs}: train loss {entry['train_loss']:.4f}"
                 f", val loss {val_loss:.4f}, val AUC {auc:.4f}, best epoch {best['epoch']} "
                 f"({entry['seconds']:.1f} s)")
-        log(line, console=not has_bar)
-        if has_bar:
-            epochs.set_postfix(loss=f"{entry['train_loss']:.3f}", val_auc=f"{auc:.3f}",
-                               best=best["epoch"])
-    if has_bar:
-        epochs.close()
+        log(line, console=False)
+        epochs.set_postfix(loss=f"{entry['train_loss']:.3f}", val_auc=f"{auc:.3f}",
+                           best=best["epoch"])
+    epochs.close()
 
     model.load_state_dict(best_state)
     _, val_prob = mean_per_subject(predict_probabilities(model, val_files, device, s.batch_size),
@@ -301,16 +254,14 @@ def train_fold(split: FoldSplit, files: Sequence[Path], labels: Sequence[int],
     test_y = test_y.astype(int)
     metrics = evaluate(test_y, test_prob, threshold)
 
-    torch.save({"state_dict": best_state, "model": s.model, "model_kwargs": model_kwargs,
-                "in_channels": in_channels, "num_classes": num_classes,
-                "epoch": best["epoch"], "threshold": threshold}, fold_dir / CHECKPOINT)
+    save_checkpoint(fold_dir / CHECKPOINT, model, model=s.model, model_kwargs=model_kwargs,
+                    in_channels=in_channels, num_classes=num_classes, epoch=best["epoch"],
+                    threshold=threshold)
     with open(fold_dir / "history.json", "w") as f:
         json.dump(history, f, indent=1)
-    try:
-        from .plots import plot_training_curves
-        plot_training_curves(history, fold_dir / "curves.png", best["epoch"], f"fold {split.fold}")
-    except ImportError:
-        log("matplotlib is not installed: no curves.png")
+    plot_training_curves(history, fold_dir / "curves.png", f"{s.model}, fold {split.fold}",
+                         loss_label="cross-entropy", metric="val_auc", metric_label="AUC",
+                         best_epoch=best["epoch"], metric_ylim=(0, 1.02))
     decision = "arg-max" if threshold is None else f"threshold {threshold:.4f}"
     log(f"fold {split.fold}: selected epoch {best['epoch']} (val AUC {best['val_auc']:.4f}), "
         f"{decision}; test " +
@@ -339,7 +290,7 @@ def cross_validate(table: ClassificationTable, config: PreprocessingConfig,
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} is an existing file; pass a folder for the model")
-    if (out_dir / PLANS_FILE).exists() and not overwrite:
+    if model_folder(out_dir).config_path.exists() and not overwrite:
         raise UserError(f"{out_dir} already holds a trained model ({PLANS_FILE}); choose another "
                         "--out or pass --overwrite")
     device = resolve_device(settings.device)
@@ -380,13 +331,14 @@ def cross_validate(table: ClassificationTable, config: PreprocessingConfig,
     size_zyx = tuple(config.size)[::-1]
     results = []
     for split in splits:
-        fold_dir = out_dir / f"fold_{split.fold}"
+        fold_dir = model_folder(out_dir).fold_dir(split.fold)
         log(f"fold {split.fold}: {len(split.train)} training, {len(split.val)} validation, "
             f"{len(split.test)} test rows")
         res = train_fold(split, files, labels, row_subjects, len(classes), table.num_channels,
                          settings, size_zyx, fold_dir, log, device)
         results.append(res)
-        plans["folds"].append({"fold": res.fold, "checkpoint": f"fold_{res.fold}/{CHECKPOINT}",
+        plans["folds"].append({"fold": res.fold,
+                               "checkpoint": ModelFolder.checkpoint_name(res.fold, CHECKPOINT),
                                "threshold": res.threshold, "best_epoch": res.best_epoch})
         _write_json(out_dir / PLANS_FILE, plans)
     return _write_results(out_dir, results, classes, settings, log)
@@ -416,18 +368,13 @@ def _write_results(out_dir: Path, results: Sequence[FoldResult], classes, settin
             for s, y, p in zip(r.test_subjects, r.test_labels, r.test_probs):
                 w.writerow([s, r.fold, classes[y]] + [f"{v:.6f}" for v in p])
     if len(classes) == 2:
-        try:
-            from .plots import plot_roc_curves
-            curves = []
-            for r in results:
-                fpr, tpr, _ = roc_curve(np.array(r.test_labels) == 1,
-                                        np.array(r.test_probs)[:, 1])
-                curves.append((f"fold {r.fold} (AUC {r.metrics['AUC']:.3f})", fpr, tpr))
-            plot_roc_curves(curves, out_dir / "roc.png",
-                            f"{settings.model}: mean AUC {summary['AUC']['mean']:.3f} ± "
-                            f"{summary['AUC']['std']:.3f}")
-        except ImportError:
-            log("matplotlib is not installed: no roc.png")
+        curves = []
+        for r in results:
+            fpr, tpr, _ = roc_curve(np.array(r.test_labels) == 1, np.array(r.test_probs)[:, 1])
+            curves.append((f"fold {r.fold} (AUC {r.metrics['AUC']:.3f})", fpr, tpr))
+        plot_roc_curves(curves, out_dir / "roc.png",
+                        f"{settings.model}: mean AUC {summary['AUC']['mean']:.3f} ± "
+                        f"{summary['AUC']['std']:.3f}")
     log("cross-validation (test folds, per subject): " + ", ".join(
         f"{k} {100 * v['mean']:.2f} ± {100 * v['std']:.2f}" for k, v in summary.items()))
     return data
