@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .convert import DEFAULT_SEED, PAPER_FOLD
+from .convert import DEFAULT_NAME, DEFAULT_SEED, PAPER_FOLD
 from .metrics import CONVENTIONS, METRICS, default_jobs
 from .synth import BRATS_SHAPE
 
@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                    f"{PAPER_FOLD}: the paper's train -> val split).")
     p.add_argument("src", metavar="SRC", help="folder holding the BraTS-GLI-XXXXX-XXX case folders")
     p.add_argument("-d", "--dataset-id", type=int, required=True, metavar="ID", help="nnU-Net dataset ID (1-999)")
-    p.add_argument("--name", default="BraTS2023GLI", help="dataset name (default BraTS2023GLI)")
+    p.add_argument("--name", default=DEFAULT_NAME, help="dataset name (default %(default)s)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--link", dest="mode", action="store_const", const="link",
                       help="symlink the source files (default; copies where symlinks are impossible)")

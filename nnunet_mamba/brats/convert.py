@@ -56,6 +56,8 @@ from .layout import (
 #: The paper's split fractions (Sec. 3.2: "7:1:2").
 PAPER_FRACTIONS = {"train": 0.7, "val": 0.1, "test": 0.2}
 DEFAULT_SEED = 12345
+#: Name of the converted dataset (``Dataset<ID>_BraTS2023GLI``) unless one is given.
+DEFAULT_NAME = "BraTS2023GLI"
 N_FOLDS = 5
 #: Index of the extra entry of splits_final.json holding the paper's train -> val split.
 PAPER_FOLD = N_FOLDS
@@ -359,7 +361,7 @@ class ConversionResult:
         return self.dataset_dir.name
 
 
-def convert_brats(src: str | Path, dataset_id: int, name: str = "BraTS2023GLI", mode: str = "link",
+def convert_brats(src: str | Path, dataset_id: int, name: str = DEFAULT_NAME, mode: str = "link",
                   seed: int = DEFAULT_SEED, nnunet_raw=None, nnunet_preprocessed=None, overwrite: bool = False,
                   n_jobs: int = 1, verbose: bool = False) -> ConversionResult:
     """Convert a BraTS 2023 folder into ``<nnunet_raw>/Dataset<ID>_<name>`` (see the module doc).

@@ -51,7 +51,7 @@ from ..nnunet.folders import dataset_name as nnunet_dataset_name
 from ..nnunet.plans_presets import resolve_preset
 from ..nnunet.trainers import check_networks, find_trainer_classes
 from .baselines import parse_trainer_specs
-from .convert import DEFAULT_SEED, N_FOLDS, PAPER_FOLD
+from .convert import DEFAULT_NAME, DEFAULT_SEED, N_FOLDS, PAPER_FOLD
 from .jobs import JobRunner, device_slots
 from .metrics import CONVENTIONS, METRICS, default_jobs, evaluate_folder, get_convention, write_results
 from .provenance import command_line, method_key, protocol_record, versions
@@ -67,7 +67,7 @@ class ReproduceOptions:
     src: Path
     trainers: tuple
     dataset_id: int = 501
-    name: str = "BraTS2023GLI"
+    name: str = DEFAULT_NAME
     folds: tuple = (PAPER_FOLD,)
     work: Path | None = None
     out: Path | None = None
