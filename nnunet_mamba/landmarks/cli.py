@@ -31,14 +31,13 @@ def _positive_int(text: str) -> int:
     return v
 
 
-def _positive_float(text: str) -> float:
-    v = float(text)
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"{text}: must be > 0")
-    return v
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..networks.registry import LANDMARK_NETWORKS
+    from .augment import AugmentationConfig
+    from .training import TrainingConfig
+
+    # defaults: the options dataclasses; values are checked once, by TrainingConfig.check
+    d, aug = TrainingConfig(), AugmentationConfig()
     sub = parser.add_subparsers(dest="landmarks_command", metavar="ACTION", required=True)
 
     p = sub.add_parser(
@@ -50,46 +49,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, metavar="DIR",
                    help="dataset folder: images/<CASE>.nii.gz + landmarks/<CASE>.json|csv")
     p.add_argument("--out", required=True, metavar="DIR", help="model output folder")
-    p.add_argument("--size", type=_positive_int, nargs=3, default=[128, 128, 128],
+    p.add_argument("--size", type=int, nargs=3, default=list(d.size),
                    metavar=("X", "Y", "Z"), help="working grid in voxels, image index order "
-                   "(default 128 128 128, the paper's)")
-    p.add_argument("--sigma", type=_positive_float, default=5.0,
-                   help="Gaussian heatmap sigma in working-grid voxels (default 5)")
-    p.add_argument("--epochs", type=_positive_int, default=80, help="epochs (default 80)")
-    p.add_argument("--batch-size", type=_positive_int, default=2, help="batch size (default 2)")
-    p.add_argument("--folds", type=_positive_int, default=5,
-                   help="number of cross-validation folds (default 5; 1 = train on all cases)")
+                   "(default %(default)s, the paper's)")
+    p.add_argument("--sigma", type=float, default=d.sigma,
+                   help="Gaussian heatmap sigma in working-grid voxels (default %(default)s)")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="epochs (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="batch size (default %(default)s)")
+    p.add_argument("--folds", type=int, default=d.folds,
+                   help="number of cross-validation folds (default %(default)s; 1 = train on all "
+                        "cases)")
     p.add_argument("--fold", type=int, nargs="+", default=None, metavar="K",
                    help="train only these folds (default: all); run again with others to add "
                         "folds to the same --out")
-    p.add_argument("--model", choices=("nnmamba", "resunet"), default="nnmamba",
+    p.add_argument("--model", choices=tuple(LANDMARK_NETWORKS), default=d.model,
                    help="nnmamba (one Mamba layer at the first block) or resunet (the "
-                        "residual U-Net baseline of Table 3); default nnmamba")
-    p.add_argument("--base-channels", type=_positive_int, default=32,
-                   help="stem width; stages use 2x, 4x, 8x (default 32)")
-    p.add_argument("--blocks-per-stage", type=_positive_int, default=3,
-                   help="residual blocks per encoder stage (default 3)")
-    p.add_argument("--lr", type=_positive_float, default=1e-3,
-                   help="Adam learning rate (default 1e-3, the authors' landmark code; the "
+                        "residual U-Net baseline of Table 3); default %(default)s")
+    p.add_argument("--base-channels", type=int, default=d.base_channels,
+                   help="stem width; stages use 2x, 4x, 8x (default %(default)s)")
+    p.add_argument("--blocks-per-stage", type=int, default=d.blocks_per_stage,
+                   help="residual blocks per encoder stage (default %(default)s)")
+    p.add_argument("--lr", type=float, default=d.lr,
+                   help="Adam learning rate (default %(default)s, the authors' landmark code; the "
                         "paper's Sec. 3.1 states 2e-3)")
-    p.add_argument("--weight-decay", type=float, default=0.0,
-                   help="Adam weight decay (default 0; Sec. 3.1 states 1e-3)")
-    p.add_argument("--iterations-per-epoch", type=_positive_int, default=None,
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help="Adam weight decay, not on Mamba's A_log and D (default %(default)s; "
+                        "Sec. 3.1 states 1e-3)")
+    p.add_argument("--iterations-per-epoch", type=int, default=d.iterations_per_epoch,
                    help="default: one pass over the training cases")
-    p.add_argument("--val-every", type=_positive_int, default=1,
-                   help="validate every N epochs (default 1)")
-    p.add_argument("--seed", type=int, default=0, help="seed of splits, init, augmentation")
+    p.add_argument("--val-every", type=int, default=d.val_every,
+                   help="validate every N epochs (default %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of splits, init, augmentation")
     p.add_argument("--flip-pairs", nargs="+", default=None, metavar="LEFT:RIGHT",
                    help="left/right landmark pairs; enables mirroring along --flip-axis with "
                         "the pair's names swapped (no flips without pairs)")
-    p.add_argument("--flip-axis", choices=("x", "y", "z"), default="x",
-                   help="image index axis of the mirror (default x)")
-    p.add_argument("--rotation", type=float, default=10.0, metavar="DEG",
-                   help="max rotation per axis in degrees (default 10; 0 = off)")
-    p.add_argument("--scale", type=float, default=0.1,
-                   help="max isotropic zoom, 1 +- scale (default 0.1; 0 = off)")
-    p.add_argument("--translation", type=float, default=0.05,
-                   help="max shift as a fraction of the size (default 0.05; 0 = off)")
+    p.add_argument("--flip-axis", choices=("x", "y", "z"), default=aug.flip_axis,
+                   help="image index axis of the mirror (default %(default)s)")
+    p.add_argument("--rotation", type=float, default=aug.rotation_deg, metavar="DEG",
+                   help="max rotation per axis in degrees (default %(default)s; 0 = off)")
+    p.add_argument("--scale", type=float, default=aug.scale,
+                   help="max isotropic zoom, 1 +- scale (default %(default)s; 0 = off)")
+    p.add_argument("--translation", type=float, default=aug.translation,
+                   help="max shift as a fraction of the size (default %(default)s; 0 = off)")
     p.add_argument("--no-augmentation", action="store_true",
                    help="switch off all augmentation (affine, flips, intensity)")
     p.add_argument("--no-antialias", action="store_true",
@@ -162,10 +164,7 @@ def _augmentation(args):
 def run(args) -> int:
     cmd = args.landmarks_command
     if cmd == "train":
-        from .inference import resolve_device
-
-        if Path(args.out).exists() and not Path(args.out).is_dir():
-            raise UserError(f"--out {args.out} is an existing file; pass a folder for the model.")
+        from ..runkit import resolve_device
         from .training import TrainingConfig, train_cross_validation
 
         cfg = TrainingConfig(model=args.model, base_channels=args.base_channels,
@@ -186,7 +185,8 @@ def run(args) -> int:
 
     if cmd == "predict":
         from ..safe_io import check_output_dir
-        from .inference import load_model, predict_folder, resolve_device
+        from ..runkit import resolve_device
+        from .inference import load_model, predict_folder
         from .io import list_images
         from .markups import FORMAT_SUFFIXES
 

@@ -20,7 +20,7 @@ world mm exactly. The grid is stored per case (``to_dict``) as the record of the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -150,11 +150,6 @@ class WorkingGrid:
         """Grid array coordinates (N, 3) in (z, y, x) order -> world points (N, 3) mm."""
         return index_to_world(self._probe(), array_to_index(coords))
 
-    @property
-    def array_shape(self) -> tuple[int, int, int]:
-        """(D, H, W) of the resampled array."""
-        return tuple(int(s) for s in self.size[::-1])
-
     def to_dict(self) -> dict:
         return {"size": list(self.size), "spacing": list(self.spacing),
                 "origin": list(self.origin), "direction": list(self.direction)}
@@ -163,9 +158,3 @@ class WorkingGrid:
     def from_dict(cls, d: dict) -> "WorkingGrid":
         return cls(tuple(int(s) for s in d["size"]), tuple(map(float, d["spacing"])),
                    tuple(map(float, d["origin"])), tuple(map(float, d["direction"])))
-
-
-def distances_mm(a: Iterable, b: Iterable) -> np.ndarray:
-    """Euclidean distances (N,) between matching world points (N, 3) in mm."""
-    return np.linalg.norm(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64),
-                          axis=-1)

@@ -9,7 +9,6 @@ grid's geometry.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -19,6 +18,8 @@ import torch
 
 from ..errors import UserError
 from ..networks import registry
+from ..runkit import ModelFolder, resolve_device
+from ..runkit.model_folder import check_folds
 from ..networks.nnmamba_landmark import HeatmapUNet
 from .data import read_image, to_working_grid
 from .geometry import WorkingGrid, world_to_index
@@ -30,18 +31,9 @@ CONFIG_NAME = "config.json"
 CHECKPOINTS = {"final": "checkpoint_final.pt", "best": "checkpoint_best.pt"}
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """'auto' -> cuda if available else cpu; a CUDA device that is missing -> UserError."""
-    if name in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} is not a torch device; use auto, cpu, cuda or "
-                        "cuda:N.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA GPU is available here; use --device cpu.")
-    return device
+def model_folder(path) -> ModelFolder:
+    """The layout of a landmark model folder (``--out`` of ``nnmamba landmarks train``)."""
+    return ModelFolder(path, CONFIG_NAME, "nnmamba landmarks train")
 
 
 def build_network(config: dict) -> HeatmapUNet:
@@ -85,42 +77,23 @@ class LandmarkModel:
 
 
 def load_config(folder) -> dict:
-    folder = Path(folder)
-    path = folder / CONFIG_NAME
-    if not path.is_file():
-        raise UserError(f"{folder}: not a landmark model folder (no {CONFIG_NAME}). Pass the "
-                        "--out folder of 'nnmamba landmarks train'.")
-    return json.loads(path.read_text())
+    return model_folder(folder).read_config()
 
 
 def load_model(folder, folds: Optional[Sequence[int]] = None, checkpoint: str = "final",
                device: torch.device = torch.device("cpu")) -> LandmarkModel:
     """Load the fold networks of a model folder (all trained folds unless ``folds``)."""
-    folder = Path(folder)
-    config = load_config(folder)
+    mf = model_folder(folder)
+    config = mf.read_config()
     name = CHECKPOINTS[checkpoint]
-    if folds is None:
-        folds = sorted(int(p.parent.name.split("_", 1)[1]) for p in folder.glob(f"fold_*/{name}")
-                       if p.parent.name.split("_", 1)[1].isdigit())
-        if not folds:
-            raise UserError(f"{folder}: no fold_<k>/{name}. Train first (nnmamba landmarks "
-                            f"train) or choose --checkpoint "
-                            f"{'best' if checkpoint == 'final' else 'final'}.")
-    nets = []
-    for k in folds:
-        path = folder / f"fold_{k}" / name
-        if not path.is_file():
-            raise UserError(f"{path} not found: fold {k} has no {checkpoint} checkpoint. Train "
-                            "that fold or leave it out of --folds.")
-        try:  # tensors, strings and numbers only: no code runs from a checkpoint
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # UnpicklingError for anything but plain data
-            raise UserError(f"{path}: not a checkpoint of 'nnmamba landmarks train' (holds more than "
-                            f"tensors and numbers, or is damaged: {type(e).__name__}); restore it") from None
-        net = build_network(config)
-        net.load_state_dict(state["state_dict"])
-        nets.append(net.to(device).eval())
-    return LandmarkModel(folder, config, list(folds), nets)
+    trained = mf.trained_folds(name)
+    if folds is None and not trained:
+        raise UserError(f"{mf.root}: no fold_<k>/{name}. Train first (nnmamba landmarks "
+                        f"train) or choose --checkpoint {'best' if checkpoint == 'final' else 'final'}.")
+    folds = check_folds(None if folds is None else list(folds), trained, mf.root)
+    nets = mf.load_ensemble({k: mf.checkpoint_name(k, name) for k in folds},
+                            lambda ckpt: build_network(config), device)
+    return LandmarkModel(mf.root, config, folds, nets)
 
 
 def predict_folder(model: LandmarkModel, images_dir, out_dir, device: torch.device,

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
@@ -237,8 +236,3 @@ def check_landmark_names(per_case: Mapping[str, Mapping[str, object]],
                             f"({'; '.join(parts)}). Every case must name the same landmarks "
                             f"({', '.join(names)}); fix the names or remove the case.")
     return names
-
-
-def finite_or_nan(x: float) -> Optional[float]:
-    """JSON-safe float (None for NaN/inf)."""
-    return float(x) if math.isfinite(x) else None

@@ -38,10 +38,15 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..networks import registry
+from ..runkit import (RunLog, kfold_split, make_optimizer, optimisation_step, save_checkpoint,
+                      seed_everything)
+from ..runkit.figures import plot_training_curves
+from ..safe_io import load_json
 from .augment import AugmentationConfig, LandmarkAugmenter
 from .data import PreparedCase, load_training_cases
 from .heatmaps import gaussian_heatmaps
-from .inference import CONFIG_NAME, build_network, decode_to_world, predict_heatmaps
+from .inference import CHECKPOINTS, build_network, decode_to_world, model_folder, predict_heatmaps
 from .io import write_landmarks
 from .metrics import format_overall, radial_errors, summarize_errors, write_evaluation
 
@@ -74,6 +79,23 @@ class TrainingConfig:
     def model_kwargs(self) -> dict:
         return {"base_channels": self.base_channels, "blocks_per_stage": self.blocks_per_stage}
 
+    def check(self) -> None:
+        """UserError for options out of range (the CLI's and the API's only check)."""
+        registry.check_name("landmarks", self.model)
+        if any(s < 16 for s in self.size):
+            raise UserError(f"--size {' '.join(map(str, self.size))}: each side needs >= 16 voxels.")
+        if not (self.sigma > 0 and self.lr > 0):
+            raise UserError("--sigma and --lr must be positive.")
+        counts = {"--epochs": self.epochs, "--batch-size": self.batch_size, "--folds": self.folds,
+                  "--val-every": self.val_every, "--base-channels": self.base_channels,
+                  "--blocks-per-stage": self.blocks_per_stage,
+                  "--iterations-per-epoch": self.iterations_per_epoch or 1}
+        bad = [name for name, v in counts.items() if v < 1]
+        if bad:
+            raise UserError(f"{', '.join(bad)} must be at least 1.")
+        if self.weight_decay < 0:
+            raise UserError(f"--weight-decay {self.weight_decay}: must be >= 0.")
+
     def to_dict(self, landmarks: Sequence[str]) -> dict:
         d = asdict(self)
         d["size"] = list(self.size)
@@ -88,68 +110,17 @@ class TrainingConfig:
 
 
 def make_splits(case_ids: Sequence[str], folds: int, seed: int) -> list[dict]:
-    """k-fold splits [{"train": [...], "val": [...]}] of a seeded shuffle; folds=1: all train."""
-    ids = sorted(case_ids)
+    """k-fold splits [{"train": [...], "val": [...]}] of a seeded shuffle
+    (:func:`~nnunet_mamba.runkit.splits.kfold_split`); folds=1: all cases train."""
     if folds == 1:
-        return [{"train": ids, "val": []}]
-    if folds < 1:
-        raise UserError(f"--folds {folds}: use 1 (train on all cases) or k >= 2.")
-    if len(ids) < folds:
-        raise UserError(f"{len(ids)} case(s) cannot be split into {folds} folds; use --folds "
-                        f"{max(1, len(ids))} or fewer, or add cases.")
-    order = np.random.default_rng(seed).permutation(len(ids))
-    parts = np.array_split(order, folds)
-    splits = []
-    for k in range(folds):
-        val = sorted(ids[i] for i in parts[k])
-        splits.append({"train": [c for c in ids if c not in set(val)], "val": val})
-    return splits
-
-
-class Logger:
-    """Print and append to one or more log files."""
-
-    def __init__(self, *paths: Path, echo: bool = True):
-        self.paths = [Path(p) for p in paths]
-        self.echo = echo
-
-    def __call__(self, msg: str) -> None:
-        if self.echo:
-            print(msg, flush=True)
-        for p in self.paths:
-            with open(p, "a") as f:
-                f.write(msg + "\n")
+        return [{"train": sorted(case_ids), "val": []}]
+    return kfold_split(case_ids, folds, seed)
 
 
 def plot_progress(history: list[dict], path: Path, title: str) -> None:
-    """Loss curves (train, validation) and validation MRE per epoch, as a PNG (Agg)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(10, 4))
-    FigureCanvasAgg(fig)
-    ax1, ax2 = fig.subplots(1, 2)
-    ep = [h["epoch"] for h in history]
-    ax1.plot(ep, [h["train_loss"] for h in history], label="train loss")
-    val = [(h["epoch"], h["val_loss"]) for h in history if h.get("val_loss") is not None]
-    if val:
-        ax1.plot(*zip(*val), label="validation loss")
-    ax1.set_yscale("log")
-    ax1.set_xlabel("epoch")
-    ax1.set_ylabel("MSE")
-    ax1.legend()
-    mre = [(h["epoch"], h["val_mre_mm"]) for h in history if h.get("val_mre_mm") is not None]
-    if mre:
-        ax2.plot(*zip(*mre), "o-", ms=3, label="validation MRE")
-        ax2.set_ylabel("MRE (mm)")
-        ax2.legend()
-    else:
-        ax2.text(0.5, 0.5, "no validation cases", ha="center", va="center",
-                 transform=ax2.transAxes)
-    ax2.set_xlabel("epoch")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    """Loss curves (train, validation) and validation MRE per epoch, as a PNG."""
+    plot_training_curves(history, path, title, loss_label="MSE", metric="val_mre_mm",
+                         metric_label="MRE (mm)", log_loss=True)
 
 
 def _stack(cases: Sequence[PreparedCase], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,10 +151,10 @@ def train_fold(fold: int, train_cases: Sequence[PreparedCase], val_cases: Sequen
                log: Callable[[str], None]) -> dict:
     """Train one fold; returns its final validation summary (or {} without validation)."""
     fold_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed + fold)
+    seed_everything(cfg.seed + fold)
     net = build_network({"model": cfg.model, "landmarks": names,
                          "model_kwargs": cfg.model_kwargs()}).to(device)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = make_optimizer("adam", net, cfg.lr, cfg.weight_decay)
     augment = LandmarkAugmenter(cfg.augmentation, names, seed=cfg.seed * 1000 + fold)
     rng = np.random.default_rng(cfg.seed * 1000 + fold + 1)
     batch = min(cfg.batch_size, len(train_cases))
@@ -207,14 +178,8 @@ def train_fold(fold: int, train_cases: Sequence[PreparedCase], val_cases: Sequen
             images, coords = _stack([train_cases[i] for i in idx], device)
             images, coords = augment(images, coords)
             target = gaussian_heatmaps(coords, shape, cfg.sigma)
-            loss = F.mse_loss(net(images), target)
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"fold {fold} epoch {epoch}: the loss is {loss.item()}; "
-                                   "lower --lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
+            losses.append(optimisation_step(opt, F.mse_loss(net(images), target),
+                                            f"fold {fold}, epoch {epoch}", cfg.lr))
         entry = {"epoch": epoch, "train_loss": float(np.mean(losses))}
         line = f"fold {fold} epoch {epoch:3d}/{cfg.epochs}  train loss {entry['train_loss']:.3e}"
         if val_cases and (epoch % cfg.val_every == 0 or epoch == cfg.epochs):
@@ -225,14 +190,14 @@ def train_fold(fold: int, train_cases: Sequence[PreparedCase], val_cases: Sequen
             line += f"  val loss {val_loss:.3e}  val MRE {mre:.2f} mm"
             if mre < best:
                 best = mre
-                _save(net, fold_dir / "checkpoint_best.pt", epoch, cfg, names, mre)
+                _save(net, fold_dir / CHECKPOINTS["best"], epoch, cfg, names, mre)
                 line += " (best)"
         entry["seconds"] = time.time() - t0
         history.append(entry)
         log(line + f"  {entry['seconds']:.1f} s")
         (fold_dir / "progress.json").write_text(json.dumps(history, indent=1) + "\n")
         plot_progress(history, fold_dir / "progress.png", f"{cfg.model}, fold {fold}")
-    _save(net, fold_dir / "checkpoint_final.pt", cfg.epochs, cfg, names,
+    _save(net, fold_dir / CHECKPOINTS["final"], cfg.epochs, cfg, names,
           history[-1].get("val_mre_mm"))
     if not val_cases:
         return {}
@@ -250,22 +215,21 @@ def train_fold(fold: int, train_cases: Sequence[PreparedCase], val_cases: Sequen
 
 
 def _save(net, path: Path, epoch: int, cfg: TrainingConfig, names, val_mre) -> None:
-    torch.save({"state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
-                "epoch": epoch, "model": cfg.model, "model_kwargs": cfg.model_kwargs(),
-                "landmarks": list(names), "val_mre_mm": val_mre}, path)
+    save_checkpoint(path, net, epoch=epoch, model=cfg.model, model_kwargs=cfg.model_kwargs(),
+                    landmarks=list(names), val_mre_mm=val_mre)
 
 
 def _check_existing(out_dir: Path, config: dict, splits: list[dict]) -> None:
-    path = out_dir / CONFIG_NAME
-    if not path.is_file():
+    folder = model_folder(out_dir)
+    if not folder.config_path.is_file():
         return
-    old = json.loads(path.read_text())
+    old = folder.read_config()
     diff = [k for k in _FIXED_KEYS if old.get(k) != config.get(k)]
     if diff:
         raise UserError(f"{out_dir} holds a model trained with other settings ({', '.join(diff)} "
                         "differ). Use another --out folder, or the same settings to add folds.")
     split_path = out_dir / "splits.json"
-    if split_path.is_file() and json.loads(split_path.read_text()) != splits:
+    if split_path.is_file() and load_json(split_path) != splits:
         raise UserError(f"{split_path} splits other cases than the dataset now holds; use "
                         "another --out folder.")
 
@@ -278,20 +242,20 @@ def train_cross_validation(data_dir, out_dir, cfg: TrainingConfig,
     predictions, write the pooled cross-validation evaluation. Returns
     {"folds": {k: summary}, "cv": summary or None}."""
     out_dir = Path(out_dir)
-    if any(s < 16 for s in cfg.size):
-        raise UserError(f"--size {' '.join(map(str, cfg.size))}: each side needs >= 16 voxels.")
-    if cfg.sigma <= 0 or cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
-        raise UserError("--sigma, --epochs, --batch-size and --lr must be positive.")
+    cfg.check()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} is an existing file; pass a folder for the model.")
+    folder = model_folder(out_dir)
     folds_to_run = list(range(cfg.folds)) if folds_to_run is None else list(folds_to_run)
     bad = [k for k in folds_to_run if not 0 <= k < cfg.folds]
     if bad:
         raise UserError(f"--fold {bad[0]}: folds are numbered 0..{cfg.folds - 1}.")
     for k in folds_to_run:
-        if (out_dir / f"fold_{k}" / "checkpoint_final.pt").exists() and not overwrite:
-            raise UserError(f"{out_dir / f'fold_{k}'} already holds a trained model; pass "
+        if (folder.fold_dir(k) / CHECKPOINTS["final"]).exists() and not overwrite:
+            raise UserError(f"{folder.fold_dir(k)} already holds a trained model; pass "
                             "--overwrite to retrain it or choose another --out folder.")
     out_dir.mkdir(parents=True, exist_ok=True)
-    log = Logger(out_dir / "train_log.txt", echo=echo)
+    log = RunLog(out_dir / "train_log.txt", echo=echo, timestamps=False)
     log(f"reading {data_dir} and resampling to {tuple(cfg.size)} (x, y, z) ...")
     names, cases = load_training_cases(data_dir, cfg.size, cfg.antialias, log=log)
     if cfg.augmentation.flip_pairs:
@@ -302,7 +266,7 @@ def train_cross_validation(data_dir, out_dir, cfg: TrainingConfig,
     splits = make_splits([c.case_id for c in cases], cfg.folds, cfg.seed)
     config = cfg.to_dict(names)
     _check_existing(out_dir, config, splits)
-    (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    folder.config_path.write_text(json.dumps(config, indent=2) + "\n")
     (out_dir / "splits.json").write_text(json.dumps(splits, indent=1) + "\n")
     (out_dir / "working_grids.json").write_text(json.dumps(
         {c.case_id: {"image": str(c.source), **c.grid.to_dict()} for c in cases}, indent=1) + "\n")
@@ -310,11 +274,11 @@ def train_cross_validation(data_dir, out_dir, cfg: TrainingConfig,
     by_id = {c.case_id: c for c in cases}
     results = {}
     for k in folds_to_run:
-        fold_dir = out_dir / f"fold_{k}"
+        fold_dir = folder.fold_dir(k)
         fold_dir.mkdir(exist_ok=True)
         (fold_dir / "log.txt").write_text("")
         (fold_dir / "training_config.json").write_text(json.dumps(config, indent=2) + "\n")
-        flog = Logger(out_dir / "train_log.txt", fold_dir / "log.txt", echo=echo)
+        flog = RunLog(out_dir / "train_log.txt", fold_dir / "log.txt", echo=echo, timestamps=False)
         results[k] = train_fold(k, [by_id[c] for c in splits[k]["train"]],
                                 [by_id[c] for c in splits[k]["val"]], names, cfg, fold_dir,
                                 device, flog)
