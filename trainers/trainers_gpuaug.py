@@ -10,40 +10,15 @@ compared with GPU augmentation, e.g. in ``scripts/bench_nnunet_gpu.sh``. On a CP
 Short variants as for every trainer here: ``nnUNetTrainer_GPUAug_1epoch``, ``_2epochs``,
 ``_5epochs``, ``_smoke``, ...
 """
-from typing import Any, ClassVar
-
-import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_mamba.training.base import short_variants
+from nnunet_mamba.training.base import HyperparameterMixin, short_variants
 from nnunet_mamba.training.gpu_augmentation_trainer import GPUAugmentationMixin
 
 
-class nnUNetTrainer_GPUAug(GPUAugmentationMixin, nnUNetTrainer):
-    """nnUNetTrainer with its training augmentation batched on the GPU."""
-
-    hyperparameters: ClassVar[dict[str, Any]] = {}
-    """overrides of nnU-Net's instance attributes (the short variants set them)"""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        #: mirroring test-time augmentation in validation and prediction (nnU-Net: on)
-        self.inference_mirroring = True
-        for name, value in self.hyperparameters.items():
-            if not hasattr(self, name):
-                raise AttributeError(f"{type(self).__name__}: unknown hyperparameter {name!r}")
-            setattr(self, name, value)
-
-    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
-        out = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
-        if not self.inference_mirroring:
-            self.inference_allowed_mirroring_axes = None
-        return out
+class nnUNetTrainer_GPUAug(HyperparameterMixin, GPUAugmentationMixin, nnUNetTrainer):
+    """nnUNetTrainer with its training augmentation batched on the GPU (``hyperparameters``:
+    set by the short variants)."""
 
 
 globals().update(short_variants(nnUNetTrainer_GPUAug, __name__))
-if "nnUNetTrainer_GPUAug_2epochs" not in globals():  # the benchmark times the second epoch
-    nnUNetTrainer_GPUAug_2epochs = type("nnUNetTrainer_GPUAug_2epochs", (nnUNetTrainer_GPUAug,), {
-        "hyperparameters": {"num_epochs": 2}, "__module__": __name__,
-        "__doc__": "nnUNetTrainer_GPUAug with {'num_epochs': 2}."})

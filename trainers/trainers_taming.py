@@ -94,7 +94,7 @@ class BiSegMambaTrainer(_TamingMambasTrainer):
     """BiSegMamba: RAdam 3e-4, periodic cosine, 300 epochs."""
 
     network_class = BiSegMamba
-    hyperparameters = {"initial_lr": 3e-4, "num_epochs": 300}
+    hyperparameters = {"num_epochs": 300}
 
 
 class MultiSegMambaTrainer(_TamingMambasTrainer):
@@ -102,7 +102,7 @@ class MultiSegMambaTrainer(_TamingMambasTrainer):
 
     network_class = MultiSegMamba
     lr_schedule = "one_cycle"
-    hyperparameters = {"initial_lr": 3e-4, "num_epochs": 300}
+    hyperparameters = {"num_epochs": 300}
 
 
 class SegMambaSkipTrainer(_TamingMambasTrainer):

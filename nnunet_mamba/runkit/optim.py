@@ -32,3 +32,31 @@ def make_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float,
     except KeyError:
         raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}") from None
     return cls(parameter_groups(model, weight_decay), lr=lr, **kwargs)
+
+
+def accept_single_group_states(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+    """Let ``optimizer`` (built on :func:`parameter_groups` of ``model``) load the state of
+    an optimiser with one group over ``model.parameters()``, as the nnU-Net trainers wrote
+    it before ``A_log`` / ``D`` got a group without weight decay: resuming such a run
+    (``nnUNetv2_train ... --c``) keeps its moments; the groups keep their weight decay."""
+    groups = optimizer.param_groups
+    if len(groups) == 1 or not hasattr(optimizer, "register_load_state_dict_pre_hook"):
+        return
+    position = {id(p): i for i, p in enumerate(p for g in groups for p in g["params"])}
+    new_index = [position[id(p)] for p in model.parameters()]  # old index -> new index
+
+    def regroup(opt, state_dict):
+        if len(state_dict["param_groups"]) != 1 or len(state_dict["param_groups"][0]["params"]) \
+                != len(new_index):
+            return None
+        old = state_dict["param_groups"][0]
+        state = {new_index[i]: v for i, v in state_dict["state"].items()}
+        start, new_groups = 0, []
+        for g in opt.param_groups:
+            n = len(g["params"])
+            new_groups.append({**old, "params": list(range(start, start + n)),
+                               "weight_decay": g["weight_decay"]})
+            start += n
+        return {"state": state, "param_groups": new_groups}
+
+    optimizer.register_load_state_dict_pre_hook(regroup)

@@ -5,7 +5,12 @@ A trainer only says *which* network and *which* hyperparameters::
 
     class nnMambaTrainer(MambaTrainerBase):
         network_class = nnMambaSeg
-        optimizer = "adam"; initial_lr = 2e-3; weight_decay = 1e-3; num_epochs = 100
+        optimizer_name = "adam"
+        hyperparameters = {"initial_lr": 2e-3, "weight_decay": 1e-3, "num_epochs": 100}
+
+``hyperparameters`` are merged along the class hierarchy (:class:`HyperparameterMixin`): a
+subclass states only what it changes. Mamba's ``A_log`` and ``D`` get no weight decay
+(:func:`nnunet_mamba.runkit.optim.parameter_groups`, as mamba-ssm).
 
 Everything else (planning, preprocessing, data loading, augmentation, splits, validation,
 checkpoints, ``--c``, prediction, ensembling) is nnU-Net's. The network is built by
@@ -62,6 +67,7 @@ require_nnunetv2()
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler  # noqa: E402
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer  # noqa: E402
 
+from nnunet_mamba.runkit.optim import accept_single_group_states, make_optimizer  # noqa: E402
 from nnunet_mamba.training.gpu_augmentation_trainer import GPUAugmentationMixin  # noqa: E402
 
 
@@ -72,33 +78,58 @@ def unwrap(network: nn.Module) -> nn.Module:
     return getattr(network, "_orig_mod", network)
 
 
-class MambaTrainerBase(GPUAugmentationMixin, nnUNetTrainer):
+class HyperparameterMixin:
+    """``hyperparameters``: overrides of nnU-Net's instance attributes (``initial_lr``,
+    ``weight_decay``, ``num_epochs``, ``num_iterations_per_epoch``, ...), merged along the
+    class hierarchy: a subclass's dict updates its bases', so it states only what it changes
+    (``cls.hyperparameters`` is the merged dict). ``inference_mirroring``: mirroring
+    test-time augmentation in validation and prediction (nnU-Net: on)."""
+
+    hyperparameters: ClassVar[dict[str, Any]] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        merged: dict[str, Any] = {}
+        for klass in reversed(cls.__mro__):
+            merged.update(vars(klass).get("hyperparameters", {}))
+        cls.hyperparameters = merged
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.inference_mirroring = True
+        for name, value in self.hyperparameters.items():
+            if not hasattr(self, name):
+                raise AttributeError(f"{type(self).__name__}: unknown hyperparameter {name!r}")
+            setattr(self, name, value)
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        out = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        if not self.inference_mirroring:
+            self.inference_allowed_mirroring_axes = None  # stored in the checkpoint
+        return out
+
+
+class MambaTrainerBase(HyperparameterMixin, GPUAugmentationMixin, nnUNetTrainer):
     """nnU-Net trainer whose network and optimiser settings come from class attributes.
 
     Subclasses set ``network_class`` (called as ``network_class(in_channels, num_classes,
     deep_supervision=..., **network_kwargs)``, or ``network_class.from_plans(
     configuration_manager, in_channels, num_classes, deep_supervision, **network_kwargs)``
-    when the class builds itself from the plans) or override :meth:`build_network`; they set
-    ``optimizer`` ('sgd', 'adam', 'adamw', 'radam'), ``initial_lr``, ``weight_decay``,
-    ``num_epochs``, ``num_iterations_per_epoch``, ``num_val_iterations_per_epoch``.
+    when the class builds itself from the plans) or override :meth:`build_network`;
+    ``supports_deep_supervision = False`` for networks with one output; ``optimizer_name``
+    ('sgd', 'adam', 'adamw', 'radam'); and ``hyperparameters`` (see
+    :class:`HyperparameterMixin`), e.g. ``{"initial_lr": 2e-3, "num_epochs": 100}``.
     """
 
     network_class: ClassVar[Optional[type]] = None
     network_kwargs: ClassVar[dict[str, Any]] = {}
     supports_deep_supervision: ClassVar[bool] = True
     optimizer_name: ClassVar[str] = "sgd"
-    hyperparameters: ClassVar[dict[str, Any]] = {}
-    """overrides of nnU-Net's instance attributes, e.g. {'initial_lr': 2e-3, 'num_epochs': 100}"""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        #: mirroring test-time augmentation in validation and prediction (nnU-Net: on)
-        self.inference_mirroring = True
-        for name, value in self.hyperparameters.items():
-            if not hasattr(self, name):
-                raise AttributeError(f"{type(self).__name__}: unknown hyperparameter {name!r}")
-            setattr(self, name, value)
         if not self.supports_deep_supervision:
             self.enable_deep_supervision = False
 
@@ -209,27 +240,18 @@ class MambaTrainerBase(GPUAugmentationMixin, nnUNetTrainer):
             return
         super().set_deep_supervision_enabled(enabled)
 
-    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
-        out = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
-        if not self.inference_mirroring:
-            self.inference_allowed_mirroring_axes = None  # stored in the checkpoint
-        return out
-
     # ---- optimiser -----------------------------------------------------------------------
     def configure_optimizers(self):
-        params = self.network.parameters()
+        """``optimizer_name`` at ``initial_lr`` (SGD: nnU-Net's momentum 0.99, Nesterov) with
+        ``weight_decay`` except on Mamba's ``A_log`` and ``D``; nnU-Net's poly schedule.
+        Checkpoints of earlier versions (one parameter group) still resume."""
         name = self.optimizer_name
-        if name == "sgd":
-            opt = torch.optim.SGD(params, self.initial_lr, weight_decay=self.weight_decay,
-                                  momentum=0.99, nesterov=True)
-        elif name == "adam":
-            opt = torch.optim.Adam(params, self.initial_lr, weight_decay=self.weight_decay)
-        elif name == "adamw":
-            opt = torch.optim.AdamW(params, self.initial_lr, weight_decay=self.weight_decay)
-        elif name == "radam":
-            opt = torch.optim.RAdam(params, self.initial_lr, weight_decay=self.weight_decay)
-        else:
-            raise ValueError(f"{type(self).__name__}: unknown optimizer {name!r}")
+        extra = {"momentum": 0.99, "nesterov": True} if name == "sgd" else {}
+        try:
+            opt = make_optimizer(name, self.network, self.initial_lr, self.weight_decay, **extra)
+        except ValueError:
+            raise ValueError(f"{type(self).__name__}: unknown optimizer {name!r}") from None
+        accept_single_group_states(opt, self.network)  # resuming runs of earlier versions
         return opt, PolyLRScheduler(opt, self.initial_lr, self.num_epochs)
 
 
@@ -252,7 +274,6 @@ def short_variants(trainer: type, module: str) -> dict[str, type]:
     out = {}
     for suffix, overrides in SHORT_VARIANTS.items():
         name = f"{trainer.__name__}_{suffix}"
-        hp = {**getattr(trainer, "hyperparameters", {}), **overrides}
-        out[name] = type(name, (trainer,), {"hyperparameters": hp, "__module__": module,
+        out[name] = type(name, (trainer,), {"hyperparameters": dict(overrides), "__module__": module,
                                              "__doc__": f"{trainer.__name__} with {overrides}."})
     return out
