@@ -381,7 +381,7 @@ def test_cross_validation_learns_the_synthetic_task(trained):
     # thresholds come from validation data: the stored ones are those of the checkpoints
     plans = json.loads((out / "plans.json").read_text())
     for entry, fold in zip(plans["folds"], results["per_fold"]):
-        ckpt = torch.load(out / entry["checkpoint"], map_location="cpu", weights_only=False)
+        ckpt = torch.load(out / entry["checkpoint"], map_location="cpu", weights_only=True)
         assert ckpt["threshold"] == entry["threshold"] == fold["threshold"]
         assert ckpt["epoch"] == fold["best_epoch"]
 
