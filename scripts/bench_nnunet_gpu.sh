@@ -13,7 +13,8 @@
 # trainer's epochs gives the length of a full BraTS training on this GPU.
 #
 #   bash scripts/bench_nnunet_gpu.sh WORKDIR [CASES] [TRAINER ...]
-#   SKIP_PREP=1 reuses WORKDIR's preprocessed dataset; PREDICT=0 skips the prediction timing;
+#   SKIP_PREP=1 reuses WORKDIR's preprocessed dataset; PREP_ONLY=1 stops after preparing it;
+#   PREDICT=0 skips the prediction timing;
 #   nnUNet_n_proc_DA=4 sets nnU-Net's number of augmentation workers (default 12).
 #   (default trainers: nnUNetTrainer_2epochs nnMambaTrainer_2epochs;
 #    nnUNet_compile=false bash scripts/bench_nnunet_gpu.sh ... for the eager runs)
@@ -53,6 +54,7 @@ c = p["configurations"]["3d_fullres"]; print("plans 3d_fullres: patch", c["patch
 EOF
 fi
 
+[ "${PREP_ONLY:-0}" != 1 ] || exit 0
 TEST_IMG=$(ls "$nnUNet_raw/Dataset${ID}_BraTSBench/imagesTs/" | head -1 | sed 's/_0000.nii.gz//')
 mkdir -p "$WORK/one_case"
 for f in "$nnUNet_raw/Dataset${ID}_BraTSBench/imagesTs/${TEST_IMG}"_000*.nii.gz; do cp "$f" "$WORK/one_case/"; done
