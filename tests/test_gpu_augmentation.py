@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -350,7 +351,8 @@ def test_cuda_matches_cpu():
 # ---- smoke training through nnU-Net's CLI ---------------------------------------------------
 @pytest.mark.slow
 def test_nnunet_train_with_gpu_augmentation_on_cpu(tmp_path):
-    from nnunet_mamba.demo import make_synthetic_dataset, nnunet_env
+    from nnunet_mamba.demo import make_synthetic_dataset
+    from nnunet_mamba.nnunet.commands import nnunet_env
     bin_dir = Path(sys.executable).parent
     env = nnunet_env(tmp_path)
     env.pop("nnUNet_extTrainer", None)
@@ -374,3 +376,41 @@ def test_nnunet_train_with_gpu_augmentation_on_cpu(tmp_path):
     assert ckpt["trainer_name"] == "nnUNetTrainer_GPUAug_smoke"
     assert np.isfinite(ckpt["logging"]["train_losses"]).all()
     assert (fold / "validation" / "summary.json").exists()
+    _check_cropping_loader(tmp_path / "nnUNet_preprocessed" / "Dataset989_GPUAug")
+
+
+def _check_cropping_loader(preprocessed: Path):
+    """CroppingLoader samples as nnU-Net's loader does and sends the centred box of its patch."""
+    from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
+    from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_mamba.training.gpu_augmentation_trainer import CroppingLoader
+    plans = PlansManager(str(preprocessed / "nnUNetPlans.json"))
+    cm = plans.get_configuration("3d_fullres")
+    lm = plans.get_label_manager(json.loads((preprocessed / "dataset.json").read_text()))
+    folder = str(preprocessed / cm.data_identifier)
+    dataset = infer_dataset_class(folder)(folder)
+    patch = tuple(cm.patch_size)
+    initial = tuple(int(i) for i in get_patch_size(patch, ROT3D, ROT3D, ROT3D, (0.85, 1.25)))
+    step = SpatialStep(copy.deepcopy(nnunet_transforms(patch).transforms[0]), False, [0, 1, 2])
+    rotated = {"affines": np.stack([np.eye(3), [[0.0, -1, 0], [1, 0, 0], [0, 0, 1]]]),
+               "transformed": np.array([False, True])}
+    for params in ({"affines": np.stack([np.eye(3)] * 2), "transformed": np.zeros(2, bool)}, rotated):
+        step.sample = lambda n, c, params=params: params  # fixed parameters, no random draws
+        ours = CroppingLoader(dataset, 2, initial, patch, lm, oversample_foreground_percent=0.33,
+                              spatial_step=step)
+        theirs = nnUNetDataLoader(dataset, 2, initial, patch, lm, oversample_foreground_percent=0.33)
+        for seed in range(3):
+            np.random.seed(seed)
+            a = ours.generate_train_batch()
+            np.random.seed(seed)
+            b = theirs.generate_train_batch()
+            assert list(a["keys"]) == list(b["keys"]) and a["data"].dtype == torch.float16 and a["target"].dtype == torch.int8
+            box = (slice(None), slice(None)) + ops.center_crop_slices(initial, a["data"].shape[2:])
+            torch.testing.assert_close(a["data"].float(), b["data"][box], atol=1e-2, rtol=1e-3)
+            assert torch.equal(a["target"].to(torch.int16), b["target"][box])
+            assert a["spatial"] is params
+        expected = step.needed_extent(params, initial)
+        assert tuple(a["data"].shape[2:]) == expected and (params is rotated or np.prod(expected) < np.prod(initial))

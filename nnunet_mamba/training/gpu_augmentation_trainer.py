@@ -24,10 +24,10 @@ from typing import ClassVar, Optional
 
 import numpy as np
 import torch
+from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 
 from nnunet_mamba.training.gpu_augmentation import GPUAugmentation, SpatialStep, UnsupportedTransform
-from nnunet_mamba.training.gpu_augmentation_ops import center_crop_slices
 
 ENV = "NNUNET_MAMBA_GPU_AUGMENTATION"
 _ON, _OFF = ("1", "true", "on", "yes"), ("0", "false", "off", "no")
@@ -58,19 +58,20 @@ CROP_ENV = "NNUNET_MAMBA_GPU_AUGMENTATION_CROP"  # "batch" (default) or "full": 
 class CroppingLoader(nnUNetDataLoader):
     """nnU-Net's training loader for the GPU path: load and crop only, and send little.
 
-    Sampling is nnU-Net's own (``generate_train_batch`` without transforms: its cases, its
-    foreground oversampling, crops of its enlarged initial patch). Then, in the worker, the
-    batch's rotation/scaling parameters are drawn (``spatial_step.sample``, nnU-Net's draws)
-    and only the centred box that they read is kept (:meth:`SpatialStep.needed_extent`): the
-    final patch when no sample is rotated or scaled, which nnU-Net's default probabilities
-    make the common case. Images travel as float16 (float32 if a value exceeds float16's
-    range; the network sees float16 under AMP anyway), labels as int8 when they fit. For
-    BraTS plans (patch 112x160x128, enlarged 208x238x196) that is ~4-8x fewer bytes to pass
-    between processes, pin and copy to the GPU than the whole enlarged patch in float32.
+    Sampling is nnU-Net's own: its cases (``get_indices``), its foreground oversampling
+    (``get_do_oversample``) and the placement of its enlarged initial patch (``get_bbox``).
+    But before anything is read, the batch's rotation/scaling parameters are drawn
+    (``spatial_step.sample``, nnU-Net's draws) and only the centred part of each enlarged
+    patch that they read is cropped (:meth:`SpatialStep.needed_extent`): the final patch
+    when no sample is rotated or scaled, which nnU-Net's default probabilities make the
+    common case. Images travel as float16 (float32 if a value exceeds float16's range; the
+    network sees float16 under AMP anyway), labels as int8 when they fit. For BraTS plans
+    (patch 112x160x128, enlarged 208x238x196) the workers read, and pass on to the main
+    process and the GPU, ~8x fewer bytes than nnU-Net's whole enlarged patch in float32.
 
     Returns ``{'data': (B, C, *box), 'target': (B, Cs, *box), 'keys', 'spatial': params}``;
     :class:`GPUAugmentedLoader` hands ``spatial`` to :class:`GPUAugmentation`.
-    ``crop='full'`` keeps the whole enlarged patch in float32 (for comparisons).
+    ``crop='full'`` returns nnU-Net's whole enlarged patch in float32 (for comparisons).
     """
 
     def __init__(self, *args, spatial_step: SpatialStep, crop: str = "batch", **kwargs):
@@ -80,19 +81,36 @@ class CroppingLoader(nnUNetDataLoader):
         self.spatial_step, self.crop = spatial_step, crop
 
     def generate_train_batch(self) -> dict:
-        batch = super().generate_train_batch()
-        data, seg = batch["data"], batch["target"]
-        spatial = self.spatial_step.sample(data.shape[0], data.shape[1])
         if self.crop == "full":
-            return {**batch, "spatial": spatial}
-        box = (slice(None), slice(None)) + center_crop_slices(
-            data.shape[2:], self.spatial_step.needed_extent(spatial, data.shape[2:]))
-        data, seg = data[box], seg[box]
-        fits16 = float(data.abs().max()) <= FLOAT16_MAX if data.numel() else True
-        data = data.to(torch.float16) if fits16 else data.contiguous()
-        seg = seg.to(torch.int8) if seg.numel() and -128 <= int(seg.min()) and int(seg.max()) <= 127 \
-            else seg.contiguous()
-        return {"data": data, "target": seg, "keys": batch["keys"], "spatial": spatial}
+            batch = super().generate_train_batch()
+            return {**batch, "spatial": self.spatial_step.sample(*batch["data"].shape[:2])}
+        keys = self.get_indices()
+        cases = [self._data.load_case(k) for k in keys]
+        initial = self.patch_size[1:] if self.patch_size_was_2d else self.patch_size
+        spatial = self.spatial_step.sample(len(keys), cases[0][0].shape[0])
+        box = self.spatial_step.needed_extent(spatial, initial)
+        box = (1, *box) if self.patch_size_was_2d else tuple(box)
+        images, labels = [], []
+        for j, (data, seg, seg_prev, properties) in enumerate(cases):
+            lbs, _ = self.get_bbox(data.shape[1:], self.get_do_oversample(j), properties["class_locations"])
+            # the box shares the enlarged patch's centre (center_crop_slices' convention)
+            lbs = [lb + size // 2 - b // 2 for lb, size, b in zip(lbs, self.patch_size, box)]
+            bbox = [[lb, lb + b] for lb, b in zip(lbs, box)]
+            image = crop_and_pad_nd(data, bbox, 0)
+            label = crop_and_pad_nd(seg, bbox, -1, cast_cropped_to=np.int16)
+            if seg_prev is not None:  # the cascade (its transforms keep it on nnU-Net's CPU path)
+                label = np.concatenate((label, crop_and_pad_nd(seg_prev, bbox, -1, cast_cropped_to=np.int16)[None]))
+            if self.patch_size_was_2d:
+                image, label = image[:, 0], label[:, 0]
+            images.append(image)
+            labels.append(label)
+        data = np.stack(images)
+        seg = np.stack(labels)
+        fits16 = not data.size or float(np.abs(data).max()) <= FLOAT16_MAX
+        data = torch.from_numpy(data.astype(np.float16 if fits16 else np.float32, copy=False))
+        small = not seg.size or (-128 <= int(seg.min()) and int(seg.max()) <= 127)
+        seg = torch.from_numpy(seg.astype(np.int8 if small else np.int16, copy=False))
+        return {"data": data, "target": seg, "keys": keys, "spatial": spatial}
 
 
 class GPUAugmentedLoader:
