@@ -6,8 +6,6 @@ training interrupted after its first epoch is continued with ``--c``.
 """
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -118,6 +116,10 @@ def planned_small(tmp_path_factory):
                            shape=(16, 32, 32), spacing=(1.0, 1.0, 1.0), seed=1)
     run(["nnUNetv2_plan_and_preprocess", "-d", str(SMALL_ID), "-c", "3d_fullres",
          "-np", "2", "-npfp", "2"], env)
+    # smoke runs of 2 iterations: augmentation in the training process (no workers filling
+    # queues ahead on a 2-core CI machine), one export worker; the nnMamba test above and the
+    # GPU-augmentation smoke test keep nnU-Net's worker processes
+    env.update({"nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1"})
     return work, env
 
 

@@ -8,9 +8,13 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import UserError
 from ..nnunet.commands import run_command
+
+if TYPE_CHECKING:  # annotations only: steps imports this module
+    from .steps import PredictionSet
 
 
 def device_slots(device: str, gpus: int | None, dry_run: bool = False, environ=os.environ) -> list:
@@ -49,7 +53,7 @@ class Job:
     trainer: str | None = None
     fold: int | None = None
     resume: bool = False                   # a training continued with --c
-    prediction: "PredictionSet | None" = None   # steps.PredictionSet, of a prediction job
+    prediction: PredictionSet | None = None     # of a prediction job
     plans: str | None = None               # the plans identifier a training uses
     seconds: float | None = None
     slot: str | None = None

@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 
 from ..ssm import FORWARD, Mamba, ScanOrder, from_sequence, to_sequence
-from ..ssm.mamba import _autocast_off, grouped_mamba
+from ..ssm.mamba import grouped_mamba
+from ..ssm.ops import autocast_off
 
 
 class PreNormMambaBlock(nn.Module):
@@ -115,7 +116,7 @@ class FeatureMapSequenceMixer(nn.Module):
                 f"{type(self).__name__} was built with channel tokens for feature maps of "
                 f"{self.num_voxels} voxels (from the plans' patch size) but got a {shape} map; "
                 "run the network on the patch size of the plans it was built from")
-        with _autocast_off(x.device) if self.fp32 else contextlib.nullcontext():
+        with autocast_off(x.device) if self.fp32 else contextlib.nullcontext():
             if self.fp32 and x.dtype in (torch.float16, torch.bfloat16):
                 x = x.float()
             seq = to_sequence(x)

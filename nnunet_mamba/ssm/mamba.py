@@ -15,7 +15,6 @@ branches run side by side as one grouped scan (:func:`grouped_ssm`).
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from typing import Optional, Sequence
@@ -24,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .ops import autocast_off
 from .selective_scan import selective_scan
 
 
@@ -101,7 +101,7 @@ def _scan(x, dt, A_log, B, C, D, z, dt_bias, backend, fp32_out):
     """The selective scan of SSM branches (softplus(dt + dt_bias), A = -exp(A_log))."""
     A = -torch.exp(A_log.float())
     work = torch.promote_types(x.dtype, torch.float32) if fp32_out else x.dtype
-    with _autocast_off(x.device):
+    with autocast_off(x.device):
         return selective_scan(
             x.to(work), dt.to(work), A, B.to(work), C.to(work), D, z=z.to(work),
             delta_bias=dt_bias, delta_softplus=True, backend=backend)
@@ -133,13 +133,6 @@ def grouped_ssm(branches: Sequence["SSMBranch"], x: torch.Tensor, z: torch.Tenso
     cat = lambda name: torch.cat([getattr(br, name) for br in branches])  # noqa: E731
     return _scan(x, dt.reshape(b, K * d, L), cat("A_log"), B, C, cat("D"), z,
                  torch.cat([br.dt_proj.bias for br in branches]), first.scan_backend, fp32_out)
-
-
-def _autocast_off(device: torch.device):
-    """Disable autocast around the scan (float32 state); a no-op on devices without autocast."""
-    if device.type in ("cuda", "cpu", "xpu", "mps"):
-        return torch.autocast(device_type=device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def _dt_rank(d_model: int, dt_rank) -> int:

@@ -32,8 +32,10 @@ from torch import Tensor
 from . import selective_scan as _ss
 
 
-def _no_autocast(device: torch.device):
-    if device.type in ("cuda", "cpu"):
+def autocast_off(device: torch.device):
+    """Autocast disabled on ``device`` (the scan keeps its state in float32); a no-op context
+    on devices without autocast. The one helper for every module of ours that needs it."""
+    if device.type in ("cuda", "cpu", "xpu", "mps"):
         return torch.autocast(device_type=device.type, enabled=False)
     return contextlib.nullcontext()
 
@@ -64,7 +66,7 @@ def _numba_chunks(L):
 # ----------------------------------------------------------------------------------------
 def _core_fwd(core, u, delta, A, B, C, D, z, delta_bias, softplus):
     work = _work_dtype(u, delta, A)
-    with _no_autocast(u.device):
+    with autocast_off(u.device):
         u_, delta_ = u.to(work), delta.to(work)
         if delta_bias is not None:
             delta_ = delta_ + delta_bias.to(work)[:, None]
@@ -90,7 +92,7 @@ def _core_fwd(core, u, delta, A, B, C, D, z, delta_bias, softplus):
 
 def _core_bwd(core, dout, dlast, u, delta, A, B, C, D, z, delta_bias, softplus, saved, pre):
     work = _work_dtype(u, delta, A)
-    with _no_autocast(u.device):
+    with autocast_off(u.device):
         u_, dp = u.to(work), delta.to(work)
         if delta_bias is not None:
             dp = dp + delta_bias.to(work)[:, None]
