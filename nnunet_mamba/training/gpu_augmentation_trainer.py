@@ -65,7 +65,7 @@ class CroppingLoader(nnUNetDataLoader):
     patch that they read is cropped (:meth:`SpatialStep.needed_extent`): the final patch
     when no sample is rotated or scaled, which nnU-Net's default probabilities make the
     common case. Images travel as float16 (float32 if a value exceeds float16's range; the
-    network sees float16 under AMP anyway), labels as int8 when they fit. For BraTS plans
+    network sees float16 under AMP anyway), labels as int8 when the dataset's labels fit. For BraTS plans
     (patch 112x160x128, enlarged 208x238x196) the workers read, and pass on to the main
     process and the GPU, ~8x fewer bytes than nnU-Net's whole enlarged patch in float32.
 
@@ -79,6 +79,9 @@ class CroppingLoader(nnUNetDataLoader):
         if crop not in ("batch", "full"):
             raise ValueError(f"{CROP_ENV}={crop!r} is not understood. Fix: 'batch' (default) or 'full'")
         self.spatial_step, self.crop = spatial_step, crop
+        label_manager = args[4] if len(args) > 4 else kwargs["label_manager"]
+        values = list(label_manager.all_labels) + [label_manager.ignore_label or 0, -1]
+        self.label_dtype = torch.int8 if min(values) >= -128 and max(values) <= 127 else torch.int16
 
     def generate_train_batch(self) -> dict:
         if self.crop == "full":
@@ -90,26 +93,28 @@ class CroppingLoader(nnUNetDataLoader):
         spatial = self.spatial_step.sample(len(keys), cases[0][0].shape[0])
         box = self.spatial_step.needed_extent(spatial, initial)
         box = (1, *box) if self.patch_size_was_2d else tuple(box)
-        images, labels = [], []
-        for j, (data, seg, seg_prev, properties) in enumerate(cases):
-            lbs, _ = self.get_bbox(data.shape[1:], self.get_do_oversample(j), properties["class_locations"])
+        data = seg = None
+        for j, (image, label, label_prev, properties) in enumerate(cases):
+            lbs, _ = self.get_bbox(image.shape[1:], self.get_do_oversample(j), properties["class_locations"])
             # the box shares the enlarged patch's centre (center_crop_slices' convention)
             lbs = [lb + size // 2 - b // 2 for lb, size, b in zip(lbs, self.patch_size, box)]
             bbox = [[lb, lb + b] for lb, b in zip(lbs, box)]
-            image = crop_and_pad_nd(data, bbox, 0)
-            label = crop_and_pad_nd(seg, bbox, -1, cast_cropped_to=np.int16)
-            if seg_prev is not None:  # the cascade (its transforms keep it on nnU-Net's CPU path)
-                label = np.concatenate((label, crop_and_pad_nd(seg_prev, bbox, -1, cast_cropped_to=np.int16)[None]))
+            image = torch.from_numpy(crop_and_pad_nd(image, bbox, 0))
+            label = torch.from_numpy(crop_and_pad_nd(label, bbox, -1, cast_cropped_to=np.int16))
+            if label_prev is not None:  # the cascade (its transforms keep it on nnU-Net's CPU path)
+                prev = crop_and_pad_nd(label_prev, bbox, -1, cast_cropped_to=np.int16)
+                label = torch.cat((label, torch.from_numpy(prev)[None]))
             if self.patch_size_was_2d:
                 image, label = image[:, 0], label[:, 0]
-            images.append(image)
-            labels.append(label)
-        data = np.stack(images)
-        seg = np.stack(labels)
-        fits16 = not data.size or float(np.abs(data).max()) <= FLOAT16_MAX
-        data = torch.from_numpy(data.astype(np.float16 if fits16 else np.float32, copy=False))
-        small = not seg.size or (-128 <= int(seg.min()) and int(seg.max()) <= 127)
-        seg = torch.from_numpy(seg.astype(np.int8 if small else np.int16, copy=False))
+            if data is None:  # written in place, converted on the copy (torch's casts are vectorised)
+                data = torch.empty((len(cases), *image.shape), dtype=torch.float16)
+                seg = torch.empty((len(cases), *label.shape), dtype=self.label_dtype)
+            if data.dtype == torch.float16 and image.numel():
+                low, high = torch.aminmax(image)
+                if max(-float(low), float(high)) > FLOAT16_MAX:
+                    data = data.float()
+            data[j] = image
+            seg[j] = label
         return {"data": data, "target": seg, "keys": keys, "spatial": spatial}
 
 
