@@ -366,6 +366,7 @@ def test_nnunet_train_with_gpu_augmentation_on_cpu(tmp_path):
         return proc.stdout
 
     run("nnUNetv2_plan_and_preprocess", "-d", "989", "-c", "3d_fullres", "-np", "1", "-npfp", "1")
+    env.update(nnUNet_n_proc_DA="1", nnUNet_def_n_proc="1")  # one loader worker process is enough here
     out = run("nnUNetv2_train", "989", "3d_fullres", "0", "-tr", "nnUNetTrainer_GPUAug_smoke",
               "-device", "cpu")
     assert "GPU augmentation on" in out, out[-3000:]
