@@ -4,8 +4,8 @@ The end-to-end test drives the real nnU-Net commands (plan_and_preprocess, nnUNe
 with nnMambaTrainer_smoke and UNETRTrainer_smoke, nnUNetv2_predict) on 8 cases of 20x20x18
 voxels with a 16^3 patch (UNETR needs multiples of 16), then checks the table, CSV, JSON and
 PNG against the prediction files, and that a second invocation only re-evaluates. The other
-tests cover the table layout, the resume decisions, the GPU job runner and bad input; they
-need no training.
+tests cover the table layout, the resume decisions, the submitit executors (local jobs, the
+Slurm parameters without a cluster) and bad input; they need no training.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -24,8 +25,9 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from nnunet_mamba.brats.jobs import Job, JobRunner
-from nnunet_mamba.brats.reproduce import ReproduceOptions
+from nnunet_mamba.brats.jobs import CommandTask, Job, LocalJobs, SlurmJobs, parse_time
+from nnunet_mamba.brats.provenance import command_line
+from nnunet_mamba.brats.reproduce import ReproduceOptions, make_executor, validate_options
 from nnunet_mamba.brats.steps import PredictionSet, StepLog, training_jobs
 from nnunet_mamba.brats.synth import synthesize_dataset
 from nnunet_mamba.brats.table1 import PAPER_TABLE1, Table1Row, format_table1_markdown, paper_rows, write_table1_csv
@@ -298,17 +300,17 @@ def test_prediction_stamp_tracks_checkpoints_and_cases(tmp_path):
     assert not ps.is_complete()
 
 
-# ----------------------------------------------------------------------------- parallel runner
+# ----------------------------------------------------------------------------- executors (submitit)
 
 _JOB = ("import json, os, sys, time; t0 = time.time(); time.sleep(1.5); "
         "open(sys.argv[1], 'w').write(json.dumps([os.environ.get('CUDA_VISIBLE_DEVICES'), t0, time.time()]))")
 
 
-def test_job_runner_one_job_per_gpu_slot(tmp_path):
+def test_local_executor_one_job_per_gpu_slot(tmp_path):
     python = Path(sys.executable).name
     jobs = [Job(f"job {i}", [python, "-c", _JOB, str(tmp_path / f"{i}.json")], tmp_path / "logs" / f"{i}.log")
             for i in range(3)]
-    JobRunner(dict(os.environ), ["3", "5"]).run(jobs)
+    LocalJobs(dict(os.environ), ["3", "5"], tmp_path / "submitit").run(jobs)
     runs = [json.loads((tmp_path / f"{i}.json").read_text()) for i in range(3)]
     assert {r[0] for r in runs} <= {"3", "5"} and {j.slot for j in jobs} <= {"3", "5"}
     assert all(r[0] == j.slot for r, j in zip(runs, jobs))
@@ -317,16 +319,101 @@ def test_job_runner_one_job_per_gpu_slot(tmp_path):
     assert overlapping, "two slots, but the jobs ran one after another"
     for a, b in overlapping:
         assert runs[a][0] != runs[b][0], "two jobs shared one GPU at the same time"
-    assert all(j.seconds >= 1.5 and j.error is None for j in jobs)
-    assert "$ " in jobs[0].log.read_text()
+    assert all(j.seconds >= 1.5 and j.error is None and j.job_id for j in jobs)
+    assert "$ " in jobs[0].log.read_text() and "CUDA_VISIBLE_DEVICES=" in jobs[0].log.read_text()
+    assert list((tmp_path / "submitit").glob("*_result.pkl")), "the jobs did not go through submitit"
 
 
-def test_job_runner_reports_failures_after_the_others_finish(tmp_path):
+def test_local_executor_reports_failures_after_the_others_finish(tmp_path):
     python = Path(sys.executable).name
     jobs = [Job("bad", [python, "-c", "raise SystemExit(3)"], tmp_path / "bad.log"),
-            Job("good", [python, "-c", "open(r'%s', 'w').write('done')" % (tmp_path / "good.txt")],
-                tmp_path / "good.log")]
-    expected = r"(?s)1 of 2 command\(s\) failed.*bad: command failed with exit code 3.*bad\.log"
+            Job("good", [python, "-c", "import time; time.sleep(1); open(r'%s', 'w').write('done')"
+                         % (tmp_path / "good.txt")], tmp_path / "good.log"),
+            Job("missing", ["no-such-command-xyz"], tmp_path / "missing.log")]
+    expected = (r"(?s)2 of 3 command\(s\) failed.*bad: command failed with exit code 3.*bad\.log"
+                r".*missing: could not run no-such-command-xyz.*missing\.log")
     with pytest.raises(UserError, match=expected):
-        JobRunner(dict(os.environ), [None]).run(jobs)
-    assert (tmp_path / "good.txt").read_text() == "done"
+        LocalJobs(dict(os.environ), [None, None], tmp_path / "submitit").run(jobs)  # -j 2 on the CPU
+    assert (tmp_path / "good.txt").read_text() == "done" and jobs[1].error is None
+
+
+def test_training_task_continues_from_a_checkpoint(tmp_path):
+    fold = tmp_path / "fold_0"
+    job = Job("train T fold 0", ["nnUNetv2_train", "1", "3d_fullres", "0"], tmp_path / "t.log", fold_folder=fold)
+    task = CommandTask(job, {})
+    assert task.argv()[-1] == "0"
+    fold.mkdir()
+    (fold / "checkpoint_latest.pth").write_bytes(b"x")
+    assert task.argv()[-1] == "--c"  # a requeued job (pre-emption, time limit) resumes
+    requeued = task.checkpoint()
+    assert requeued.function.argv()[-1] == "--c" and requeued.function.job.name == job.name
+
+
+@pytest.mark.parametrize("text,minutes", [("720", 720), ("12:00:00", 720), ("0:30:01", 31), ("48:00:00", 2880)])
+def test_slurm_time(text, minutes):
+    assert parse_time(text) == minutes
+
+
+def test_slurm_executor_parameters_without_a_cluster(tmp_path, monkeypatch):
+    """The Slurm path builds submitit's SlurmExecutor and its sbatch file; nothing is submitted."""
+    monkeypatch.delenv("nnUNet_n_proc_DA", raising=False)
+    monkeypatch.delenv("nnUNet_def_n_proc", raising=False)
+    opts = ReproduceOptions(src=tmp_path, trainers=("nnMambaTrainer",), dataset_id=42, folds=(0, 1), work=tmp_path,
+                            executor="slurm", partition="gpu-h200", gpus_per_job=2, time="12:00:00")
+    validate_options(opts)
+    folders = NnUNetFolders.resolve(tmp_path)
+    runner, slots, env = make_executor(opts, folders, tmp_path / "out")
+    assert isinstance(runner, SlurmJobs) and slots == [] and runner.folder == tmp_path.resolve() / "submitit"
+    assert env["nnUNet_n_proc_DA"] == "12" and runner.env["nnUNet_results"] == str(folders.results)
+    assert "PATH" not in runner.env, "only what the run sets travels to the nodes"
+    train = training_jobs(opts, folders, "Dataset042_X", "P", tmp_path / "logs", StepLog())
+    assert train[0].argv[-2:] == ["-num_gpus", "2"] and train[0].gpus == 2
+    params = runner.parameters(train[0])
+    assert params == {"job_name": "nnmamba train nnMambaTrainer fold 0", "time": 720, "nodes": 1,
+                      "ntasks_per_node": 1, "gpus_per_node": 2, "cpus_per_task": 28, "signal_delay_s": 120,
+                      "stderr_to_stdout": True, "partition": "gpu-h200"}
+    import submitit
+
+    monkeypatch.setattr(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 2))  # as if srun were here
+    executor = runner.executor(train[0])
+    assert executor.parameters["partition"] == "gpu-h200" and executor.parameters["time"] == 720
+    sbatch = executor._make_submission_file_text("echo", "uid")
+    for line in ("#SBATCH --partition=gpu-h200", "#SBATCH --time=720", "#SBATCH --gpus-per-node=2",
+                 "#SBATCH --cpus-per-task=28", "#SBATCH --signal=USR2@120"):
+        assert line in sbatch
+    task = runner.task(train[0], None)
+    assert task.merge_environ and task.slot is None
+    assert "--executor slurm --partition gpu-h200 --gpus-per-job 2 --time 12:00:00" in command_line(opts)
+    local = ReproduceOptions(src=tmp_path, trainers=("nnMambaTrainer",), device="cpu", jobs=3)
+    runner, slots, _ = make_executor(local, folders, tmp_path / "out")
+    assert isinstance(runner, LocalJobs) and slots == [None] * 3
+    assert "--executor local" in command_line(local) and "--time" not in command_line(local)
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"partition": "gpu"}, "--partition only applies to --executor slurm"),
+    ({"time": "60", "gpus_per_job": 2}, "--gpus-per-job, --time only applies to --executor slurm"),
+    ({"executor": "pbs"}, "unknown --executor 'pbs'"),
+    ({"executor": "slurm"}, "--executor slurm needs --time"),
+    ({"executor": "slurm", "time": "12h"}, "--time '12h' is neither minutes"),
+    ({"executor": "slurm", "time": "1:75:00"}, "neither minutes"),
+    ({"executor": "slurm", "time": "0"}, "shorter than a minute"),
+    ({"executor": "slurm", "time": "60", "gpus_per_job": 0}, "--gpus-per-job must be at least 1"),
+    ({"executor": "slurm", "time": "60", "gpus": 2}, "use --gpus-per-job"),
+    ({"executor": "slurm", "time": "60", "device": "cpu"}, "leave out --device cpu"),
+])
+def test_executor_options_are_validated(options, message, tmp_path):
+    opts = ReproduceOptions(src=tmp_path, trainers=("nnMambaTrainer",), **{"device": "cuda", **options})
+    with pytest.raises(UserError, match=re.escape(message)):
+        validate_options(opts)
+
+
+def test_executor_option_errors_on_the_command_line(tmp_path):
+    rc, _, err = _run_cli(["brats2023", "reproduce", str(tmp_path), "--trainers", "nnMambaTrainer", "--work",
+                           str(tmp_path / "w"), "--device", "cpu", "--partition", "gpu"])
+    assert rc == 2 and "--partition only applies to --executor slurm" in err and not (tmp_path / "w").exists()
+    rc, _, err = _run_cli(["brats2023", "reproduce", str(tmp_path), "--trainers", "nnMambaTrainer", "--work",
+                           str(tmp_path / "w"), "--executor", "slurm", "--time", "60"])
+    if shutil.which("sbatch") is None:
+        assert rc == 2 and "not found on PATH" in err and "--executor local" in err
+        assert not (tmp_path / "w").exists()

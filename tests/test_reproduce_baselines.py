@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from nnunet_mamba.brats.baselines import BASELINES, parse_trainer_spec, parse_trainer_specs
-from nnunet_mamba.brats.jobs import JobRunner
+from nnunet_mamba.brats.jobs import LocalJobs
 from nnunet_mamba.brats.reproduce import ReproduceOptions
 from nnunet_mamba.brats.steps import (DatasetState, PredictionSet, StepLog, plan_and_preprocess, prediction_jobs,
                                       training_jobs)
@@ -139,7 +139,7 @@ def test_resenc_m_planned_by_nnunets_planner_reuses_the_preprocessed_data(planne
                             device="cpu", jobs=1)
     dataset = DatasetState(folders.raw / name, name, {"train": cases, "val": [], "test": []})
     log = StepLog()
-    plan_and_preprocess(opts, folders, dataset, JobRunner(env, [None]), log, tmp_path / "logs",
+    plan_and_preprocess(opts, folders, dataset, LocalJobs(env, [None], tmp_path / "submitit"), log, tmp_path / "logs",
                         plans="nnUNetResEncUNetMPlans")
     assert log.steps[-1]["step"] == "plan_and_preprocess nnUNetResEncUNetMPlans"
     assert log.steps[-1]["status"] == "ran"
@@ -153,7 +153,7 @@ def test_resenc_m_planned_by_nnunets_planner_reuses_the_preprocessed_data(planne
     assert json.loads((folders.preprocessed / name / "splits_final.json").read_text())[0]["val"] == cases[:1]
 
     again = StepLog()
-    plan_and_preprocess(opts, folders, dataset, JobRunner(env, [None]), again, tmp_path / "logs",
+    plan_and_preprocess(opts, folders, dataset, LocalJobs(env, [None], tmp_path / "submitit"), again, tmp_path / "logs",
                         plans="nnUNetResEncUNetMPlans")
     assert again.steps[-1]["status"] == "skipped"
     assert Path(folders.preprocessed / name / "nnUNetPlans.json").is_file()

@@ -5,7 +5,7 @@
 - :mod:`.convert`: BraTS layout -> nnU-Net v2 raw dataset with the paper's 70/10/20 split.
 - :mod:`.metrics`: per-case, per-region Dice and HD95 under a chosen empty-mask convention.
 - :mod:`.reproduce`: ``nnmamba brats2023 reproduce``, the paper's Table 1 in one command: its options
-  and protocol; the steps in :mod:`.steps`, the rows in :mod:`.baselines`, the job runner in
+  and protocol; the steps in :mod:`.steps`, the rows in :mod:`.baselines`, the submitit executors in
   :mod:`.jobs`, the table in :mod:`.table1`, ``reproduce.json``'s record in :mod:`.provenance`.
 - :mod:`.cli`: the ``nnmamba brats2023`` command.
 

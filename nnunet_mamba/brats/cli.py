@@ -8,6 +8,7 @@
     nnmamba brats2023 reproduce SRC --trainers nnMambaTrainer nnUNetTrainer ... [-d ID] [--folds 5]
                                 [--work DIR] [--out DIR] [--device cuda|cpu] [--gpus N] [--plans nnUNetPlans]
                                 [--preset paper] [--convention brats2023] [--metrics both] [-j N] [--dry-run]
+                                [--executor local|slurm] [--partition P] [--gpus-per-job N] [--time MIN|HH:MM:SS]
 """
 from __future__ import annotations
 
@@ -126,9 +127,21 @@ def _add_reproduce_arguments(sub) -> None:
                           help=text + (" (default)" if const == default["mode"] else ""))
     p.set_defaults(mode=default["mode"])
     p.add_argument("-j", "--jobs", type=int, default=default["jobs"], metavar="N",
-                   help="processes for validation, preprocessing and evaluation (default %(default)s)")
+                   help="processes for validation, preprocessing and evaluation; trainings at once with --device cpu "
+                        "(default %(default)s)")
     p.add_argument("--dry-run", action="store_true", default=default["dry_run"],
                    help="print the plan of commands; run and write nothing")
+    g = p.add_argument_group("where the trainings and predictions run (through submitit)")
+    g.add_argument("--executor", choices=("local", "slurm"), default=default["executor"],
+                   help="local: this machine, one job per GPU (-j at once on the CPU); slurm: one Slurm job per "
+                        "fold, submitted from here (default %(default)s)")
+    g.add_argument("--partition", default=default["partition"], metavar="P",
+                   help="Slurm partition (default: the cluster's default partition)")
+    g.add_argument("--gpus-per-job", type=int, default=default["gpus_per_job"], metavar="N",
+                   help="GPUs of one Slurm training job (default 1; more: nnU-Net's -num_gpus DDP)")
+    g.add_argument("--time", default=default["time"], metavar="MIN|HH:MM:SS",
+                   help="Slurm time limit of one job, in minutes or HH:MM:SS (required with --executor slurm); "
+                        "a job that reaches it is requeued and continues from its last checkpoint")
 
 
 def run(args) -> int:
@@ -181,6 +194,7 @@ def run(args) -> int:
             out=Path(args.out) if args.out else None, convention=args.convention, metrics=args.metrics,
             device=args.device,
             gpus=args.gpus, plans=args.plans, preset=args.preset, seed=args.seed, mode=args.mode, jobs=args.jobs,
-            dry_run=args.dry_run))
+            dry_run=args.dry_run, executor=args.executor, partition=args.partition, gpus_per_job=args.gpus_per_job,
+            time=args.time))
         return 0
     raise AssertionError(args.brats_command)

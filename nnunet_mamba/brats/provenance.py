@@ -18,7 +18,8 @@ from .steps import CONFIGURATION, DatasetState
 OPTION_FLAGS = {"trainers": "--trainers", "dataset_id": "-d", "name": "--name", "folds": "--folds",
                 "convention": "--convention", "metrics": "--metrics", "device": "--device", "plans": "--plans",
                 "seed": "--seed", "mode": None, "jobs": "-j", "work": "--work", "out": "--out", "gpus": "--gpus",
-                "preset": "--preset"}
+                "preset": "--preset", "executor": "--executor", "partition": "--partition",
+                "gpus_per_job": "--gpus-per-job", "time": "--time"}
 
 
 def method_key(trainer: str, folds) -> str:
@@ -91,6 +92,9 @@ def protocol_record(opts, dataset: DatasetState, plans_id: str, conf: dict, clas
         "plans_per_row": {p: {k: c[k] for k in ("patch_size", "batch_size", "spacing")}
                           for p, c in (plans_by_id or {}).items()},
         "device": opts.device, "parallel_gpus": list(slots) if opts.device == "cuda" else [],
+        "executor": ({"name": "slurm", "partition": opts.partition, "gpus_per_training_job": opts.gpus_per_job or 1,
+                      "time": opts.time} if opts.executor == "slurm" else
+                     {"name": "local", "at_once": max(1, len(slots))}),
         "inference": ("nnUNetv2_predict -f <folds>: sliding window (step 0.5, Gaussian weighting), mirroring "
                       "test-time augmentation, logits averaged over the folds, sigmoid > 0.5 per region, painted "
                       f"in regions_class_order {list(REGIONS_CLASS_ORDER)}"),

@@ -17,11 +17,14 @@ The protocol of the paper's Sec. 3.2 with stock nnU-Net v2, resumable at every s
    train on them as planned, on the same split.
 3. **Train** the chosen folds of every trainer with ``nnUNetv2_train``: a fold with
    ``checkpoint_final.pth`` is skipped, one with ``checkpoint_latest.pth`` (or ``_best``) is
-   continued with ``--c``. With several GPUs, one fold per GPU runs at a time
-   (``CUDA_VISIBLE_DEVICES`` per process); on one GPU or the CPU the folds run one by one.
+   continued with ``--c``. The jobs go through submitit (:mod:`.jobs`): ``--executor local``
+   runs them on this machine, one fold per GPU at a time (``CUDA_VISIBLE_DEVICES`` per
+   process; ``-j`` at a time on the CPU); ``--executor slurm`` submits one Slurm job per fold
+   (``--partition``, ``--gpus-per-job``, ``--time``) and waits for them.
 4. **Predict** the held-out test cases (``imagesTs``) with ``nnUNetv2_predict -f <folds>``
    (nnU-Net averages the folds' logits: an ensemble when several folds are given); skipped
    when a stamp file shows that complete predictions were made from the same checkpoints.
+   Prediction jobs are submitted once every training has finished (see :func:`reproduce`).
 5. **Evaluate** with :func:`~.metrics.evaluate_folder` against ``labelsTs`` and write the
    table in the layout of the paper's Table 1 (Markdown and CSV), a box plot of the per-case
    Dice and HD95 (PNG), and ``reproduce.json`` with every number and the protocol.
@@ -30,8 +33,8 @@ Unknown trainers, a network that cannot be built for the plans (e.g. UNETR with 
 divisible by 16), missing folders and bad options are reported before any long step runs.
 ``--dry-run`` prints the plan of commands without running or writing anything.
 
-This module holds the options and the protocol; the steps are in :mod:`.steps`, the job
-runner in :mod:`.jobs`, the table in :mod:`.table1`, the record in :mod:`.provenance`, and
+This module holds the options and the protocol; the steps are in :mod:`.steps`, the
+executors in :mod:`.jobs`, the table in :mod:`.table1`, the record in :mod:`.provenance`, and
 everything about nnU-Net itself (folders, commands, trainers, plans presets) in
 :mod:`nnunet_mamba.nnunet`.
 """
@@ -40,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -52,7 +56,7 @@ from ..nnunet.plans_presets import resolve_preset
 from ..nnunet.trainers import check_networks, find_trainer_classes
 from .baselines import parse_trainer_specs
 from .convert import DEFAULT_NAME, DEFAULT_SEED, N_FOLDS, PAPER_FOLD
-from .jobs import JobRunner, device_slots
+from .jobs import EXECUTORS, LocalJobs, SlurmJobs, device_slots, parse_time
 from .metrics import CONVENTIONS, METRICS, default_jobs, evaluate_folder, get_convention, write_results
 from .provenance import command_line, method_key, protocol_record, versions
 from .steps import (CONFIGURATION, PredictionSet, StepLog, plan_and_preprocess, prediction_jobs, prepare_dataset,
@@ -79,8 +83,13 @@ class ReproduceOptions:
     preset: str | None = None
     seed: int = DEFAULT_SEED
     mode: str = "link"
-    jobs: int = field(default_factory=default_jobs)   # processes for validation, preprocessing, evaluation
+    jobs: int = field(default_factory=default_jobs)   # processes for validation, preprocessing, evaluation;
+    #                                                   trainings at once on the CPU
     dry_run: bool = False
+    executor: str = "local"          # local | slurm (see jobs.py)
+    partition: str | None = None     # Slurm partition (default: the cluster's); slurm only
+    gpus_per_job: int | None = None  # GPUs of one Slurm job (None: 1); >1 trains with nnU-Net's -num_gpus
+    time: str | None = None          # Slurm time limit of one job: minutes or HH:MM:SS; required with slurm
 
 
 def option_defaults() -> dict:
@@ -129,6 +138,28 @@ def validate_options(opts: ReproduceOptions) -> None:
         raise UserError(f"--gpus must be at least 1, got {opts.gpus}")
     if opts.jobs < 1:
         raise UserError(f"-j must be at least 1, got {opts.jobs}")
+    if opts.executor not in EXECUTORS:
+        raise UserError(f"unknown --executor {opts.executor!r}; choose from {', '.join(EXECUTORS)}")
+    if opts.executor != "slurm":
+        given = [flag for flag, value in (("--partition", opts.partition), ("--gpus-per-job", opts.gpus_per_job),
+                                          ("--time", opts.time)) if value is not None]
+        if given:
+            raise UserError(f"{', '.join(given)} only applies to --executor slurm (this run: --executor "
+                            f"{opts.executor}); add --executor slurm or leave {' and '.join(given)} out")
+    else:
+        if opts.device != "cuda":
+            raise UserError("--executor slurm trains on the cluster's GPUs: leave out --device cpu")
+        if opts.gpus is not None:
+            raise UserError("--gpus counts the GPUs of this machine (--executor local); with --executor slurm "
+                            "every fold is its own Slurm job: use --gpus-per-job for the GPUs of one job")
+        if opts.time is None:
+            raise UserError("--executor slurm needs --time, the time limit of one job (minutes or HH:MM:SS), e.g. "
+                            "--time 24:00:00; docs/brats2023.md lists the expected time per fold")
+        parse_time(opts.time)
+        if opts.gpus_per_job is not None and opts.gpus_per_job < 1:
+            raise UserError(f"--gpus-per-job must be at least 1, got {opts.gpus_per_job}")
+        if opts.partition is not None and (not opts.partition.strip() or any(c.isspace() for c in opts.partition)):
+            raise UserError(f"--partition {opts.partition!r} is not a Slurm partition name")
     if opts.preset is not None:
         resolve_preset(opts.preset)
     if not Path(opts.src).exists():
@@ -139,20 +170,50 @@ def validate_options(opts: ReproduceOptions) -> None:
                         "folders")
 
 
+def describe_slurm(opts: ReproduceOptions) -> str:
+    return (f"partition {opts.partition or '(the default)'}, {opts.gpus_per_job or 1} GPU(s) per training job, "
+            f"time limit {parse_time(opts.time)} min per job")
+
+
+def make_executor(opts: ReproduceOptions, folders: NnUNetFolders, out: Path, environ=None):
+    """The executor of the run's jobs, the local GPU slots and the commands' environment.
+
+    submitit's files (pickled jobs, results, its logs) go to ``<--work or --out>/submitit``.
+    On Slurm no local GPU is needed; each job gets ``nnUNet_n_proc_DA`` (default 12, the
+    measured setting) augmentation workers and that many + 2 CPU cores per GPU.
+    """
+    environ = os.environ if environ is None else environ
+    folder = Path(opts.work if opts.work is not None else out).resolve() / "submitit"
+    if opts.executor == "slurm":
+        env = command_environment(folders, opts.work, "cpu", 1, environ=environ)
+        workers = int(env.get("nnUNet_n_proc_DA", "2")) if "nnUNet_n_proc_DA" in environ else 12
+        env["nnUNet_n_proc_DA"] = str(workers)
+        if "nnUNet_def_n_proc" not in environ:
+            env["nnUNet_def_n_proc"] = "8"
+        runner = SlurmJobs(env, folder, parse_time(opts.time), opts.partition, cpus_per_gpu=max(1, workers) + 2,
+                           environ=environ)
+        return runner, [], env
+    slots = device_slots(opts.device, opts.gpus, opts.dry_run, cpu_jobs=opts.jobs)
+    env = command_environment(folders, opts.work, opts.device, len(slots), environ=environ)
+    return LocalJobs(env, slots, folder), slots, env
+
+
 def reproduce(opts: ReproduceOptions) -> dict | None:
     """Run (or, with ``dry_run``, print) the whole protocol; returns the content of reproduce.json."""
     started = time.time()
     validate_options(opts)
     folders = NnUNetFolders.resolve(opts.work)
-    slots = device_slots(opts.device, opts.gpus, opts.dry_run)
-    env = command_environment(folders, opts.work, opts.device, len(slots))
     dataset_name = nnunet_dataset_name(opts.dataset_id, opts.name)
     out = Path(opts.out).resolve() if opts.out else folders.results / dataset_name / "reproduce_table1"
     logs = out / "logs"
+    runner, slots, env = make_executor(opts, folders, out)
+    if opts.executor == "slurm" and not opts.dry_run:
+        SlurmJobs.check_cluster()
     log = StepLog()
     print(f"nnmamba brats2023 reproduce: trainers {', '.join(opts.trainers)}; folds "
           f"{' '.join(map(str, opts.folds))}; device {opts.device}"
-          + (f" (GPUs {', '.join(slots)})" if opts.device == "cuda" else "")
+          + (f" (GPUs {', '.join(slots)})" if opts.device == "cuda" and opts.executor == "local" else "")
+          + (f" on Slurm ({describe_slurm(opts)})" if opts.executor == "slurm" else "")
           + f"; output {out}" + (" [dry run: nothing runs, nothing is written]" if opts.dry_run else ""), flush=True)
 
     # 0. trainers first: an unknown name must fail before hours of work
@@ -164,7 +225,6 @@ def reproduce(opts: ReproduceOptions) -> dict | None:
 
     # 1. dataset, 2. plans and preprocessed data (the run's plans first, then the rows' own plans)
     dataset = prepare_dataset(opts, folders, log)
-    runner = JobRunner(env, slots)
     uses_run_plans = any(s.plans is None for s in specs)
     fingerprint_ready = None  # look for the fingerprint file
     for source in dict.fromkeys([opts.plans] * uses_run_plans + [s.plans for s in specs if s.plans]):
@@ -192,9 +252,12 @@ def reproduce(opts: ReproduceOptions) -> dict | None:
     train = training_jobs(opts, folders, dataset_name, plans_id, logs, log)
     if opts.dry_run:
         for job in train:
-            log.add(job.name, "planned", "continue from its checkpoint" if job.resume else "new", command=job.shell())
+            log.add(job.name, "planned", ("continue from its checkpoint" if job.resume else "new")
+                    + (f"; Slurm job {runner.parameters(job)}" if opts.executor == "slurm" else ""),
+                    command=job.shell())
     elif train:
-        print(f"training {len(train)} fold(s), {len(slots)} at a time", flush=True)
+        print(f"training {len(train)} fold(s), " + (f"{len(slots)} at a time" if opts.executor == "local" else
+              "one Slurm job each") + f"; submitit's files in {runner.folder}", flush=True)
         runner.run(train)
         for job in train:
             final = trainer_folder(folders, dataset_name, job.trainer, job.plans) / f"fold_{job.fold}"
@@ -216,9 +279,10 @@ def reproduce(opts: ReproduceOptions) -> dict | None:
         log.add("evaluate", "planned", f"Dice and HD95 of WT, TC, ET against {labels_ts} ({opts.convention}); "
                 f"write {out / 'table1.md'}, table1.csv, table1_boxplot.png, reproduce.json")
         return None
-    if predict:
+    if predict:  # submitted now that every training has ended with its checkpoint_final.pth (no dependencies)
         for job in predict:
             (job.prediction.output / PredictionSet.STAMP).unlink(missing_ok=True)
+            job.gpus = 1  # nnUNetv2_predict uses one GPU
         runner.run(predict)
         for job in predict:
             job.prediction.write_stamp()

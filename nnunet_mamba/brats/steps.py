@@ -2,8 +2,8 @@
 
 Each step looks at what exists and decides: ``skipped`` (its output is complete), ``ran`` or,
 in a dry run, ``planned`` (with the command it would run); :class:`StepLog` records the
-decisions. Training and prediction steps return :class:`~.jobs.Job` lists for the
-:class:`~.jobs.JobRunner`; a :class:`PredictionSet` stamp proves predictions complete and
+decisions. Training and prediction steps return :class:`~.jobs.Job` lists for an executor
+of :mod:`.jobs` (submitit); a :class:`PredictionSet` stamp proves predictions complete and
 made from the current checkpoints.
 """
 from __future__ import annotations
@@ -22,10 +22,11 @@ from ..nnunet.folders import dataset_name as nnunet_dataset_name
 from ..nnunet.plans_presets import apply_preset, resolve_preset
 from .baselines import PLANNERS, parse_trainer_spec
 from .convert import split_cases
-from .jobs import Job, JobRunner
+from .jobs import Job
 from .layout import FILE_ENDING
 
 if TYPE_CHECKING:
+    from .jobs import LocalJobs, SlurmJobs
     from .reproduce import ReproduceOptions
 
 CONFIGURATION = "3d_fullres"
@@ -137,10 +138,11 @@ def preprocessed_missing(folders: NnUNetFolders, dataset_name: str, plans_id: st
     return missing
 
 
-def plan_and_preprocess(opts, folders, dataset: DatasetState | None, runner: JobRunner, log: StepLog, logs: Path,
-                        plans: str | None = None, fingerprint_ready: bool | None = None):
+def plan_and_preprocess(opts, folders, dataset: DatasetState | None, runner: LocalJobs | SlurmJobs, log: StepLog,
+                        logs: Path, plans: str | None = None, fingerprint_ready: bool | None = None):
     """Run nnU-Net's planning / preprocessing of 3d_fullres for ``plans`` (default ``--plans``)
-    unless its output is complete.
+    unless its output is complete. The commands run on this machine (``runner.local()``), also
+    with ``--executor slurm``.
 
     Plans of :data:`~.baselines.PLANNERS` that do not exist yet are planned by nnU-Net's own
     planner: ``nnUNetv2_plan_and_preprocess -pl <planner>`` on a new dataset, or, once the
@@ -179,15 +181,15 @@ def plan_and_preprocess(opts, folders, dataset: DatasetState | None, runner: Job
             then = f"; then {' '.join(preprocess)} if its data are missing" if argv[0] == "nnUNetv2_plan_experiment" else ""
             log.add(step, "planned", f"{len(missing)} item(s) missing, e.g. {missing[0]}{then}", command=job.shell())
         else:
-            env = dict(runner.env)
+            env = dict(runner.full_env)
             if env.get("nnUNet_n_proc_DA", "").strip() == "0":  # nnU-Net's planner does set_num_threads(n_proc_DA)
                 env["nnUNet_n_proc_DA"] = "1"
-            JobRunner(env, [None]).run([job])
+            runner.local(env).run([job])
             commands, seconds = [job.shell()], job.seconds
             still = preprocessed_missing(folders, name, plans, cases)
             if still and argv[0] == "nnUNetv2_plan_experiment" and plans_file.is_file():
                 job = Job(step, preprocess, log_file)
-                JobRunner(env, [None]).run([job])
+                runner.local(env).run([job])
                 commands.append(job.shell())
                 seconds += job.seconds
                 still = preprocessed_missing(folders, name, plans, cases)
@@ -284,11 +286,14 @@ def training_jobs(opts, folders, dataset_name: str, plans_id: str, logs: Path, l
                 continue
             argv = ["nnUNetv2_train", str(opts.dataset_id), CONFIGURATION, str(fold), "-tr", spec.trainer,
                     "-p", plans, "-device", opts.device]
+            gpus = getattr(opts, "gpus_per_job", None) or 1
+            if gpus > 1:
+                argv += ["-num_gpus", str(gpus)]  # nnU-Net's DDP in one Slurm job (not measured here)
             resume = any((out / c).is_file() for c in ("checkpoint_latest.pth", "checkpoint_best.pth"))
             if resume:
                 argv.append("--c")
             jobs.append(Job(name, argv, logs / f"train_{spec.key}_fold{fold}.log", trainer=spec.trainer, fold=fold,
-                            resume=resume, plans=plans))
+                            resume=resume, plans=plans, fold_folder=out, gpus=gpus))
     return jobs
 
 
