@@ -2,7 +2,7 @@
 nnU-Net v2: ``TamingSegMambaTrainer``, ``BiSegMambaTrainer``, ``MultiSegMambaTrainer``,
 ``SegMambaSkipTrainer``.
 
-The networks are built from the plans' 3D U-Net configuration. Optimiser, schedule and
+The networks are built from the plans' U-Net configuration (2D or 3D). Optimiser, schedule and
 precision of the public code (its nnU-Net 2.1 trainers):
 
 * RAdam, lr 3e-4, weight decay 3e-5 (nnU-Net's), gradient clipping at 12 (nnU-Net's);

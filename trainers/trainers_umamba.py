@@ -1,7 +1,7 @@
 """U-Mamba trainers (Ma et al. 2024, github.com/bowang-lab/U-Mamba) in stock nnU-Net v2.
 
-``UMambaBotTrainer`` and ``UMambaEncTrainer`` build U-Mamba Bot / Enc from the plans' 3D
-U-Net configuration (stages, widths, kernels, strides, block counts, patch size). Optimiser,
+``UMambaBotTrainer`` and ``UMambaEncTrainer`` build U-Mamba Bot / Enc from the plans' U-Net
+configuration, 2D or 3D (stages, widths, kernels, strides, block counts, patch size). Optimiser,
 schedule and precision are those of the public code, which are nnU-Net's defaults: SGD, lr
 1e-2, Nesterov momentum 0.99, weight decay 3e-5, polynomial decay, 1000 epochs x 250
 iterations, deep supervision, mixed precision on CUDA. The Mamba layers run in float32 with
