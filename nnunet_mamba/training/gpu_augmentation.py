@@ -10,8 +10,9 @@ device. Pipelines with a transform that has no batched twin (the cascade's one-h
 transforms, elastic deformation, custom callables) raise :class:`UnsupportedTransform` and
 the trainer keeps nnU-Net's CPU path.
 
-Input: the CPU loader's crops of nnU-Net's enlarged initial patch, ``data (B, C, *initial)``
-float32 and ``target (B, Cs, *initial)`` int16 (padding -1). Output: what nnU-Net's
+Input: the CPU loader's centred crops of nnU-Net's enlarged initial patch (the whole patch,
+or the smaller box :meth:`SpatialStep.needed_extent` gives for the batch's parameters),
+``data (B, C, *box)`` float32 or float16 and ``target (B, Cs, *box)`` int16 or int8 (padding -1). Output: what nnU-Net's
 transforms would give, ``data (B, C, *patch)`` and the target (label map int16 or regions
 bool), a list over the deep-supervision scales when deep supervision is on.
 """

@@ -1,10 +1,11 @@
 """GPUAugmentationMixin: nnU-Net trainers whose training augmentation runs on the GPU.
 
-nnU-Net's CPU workers still load the cases (nnU-Net's dataset class) and crop them (nnU-Net's
-``nnUNetDataLoader``, with its foreground oversampling and the enlarged initial patch), but
-apply no transform; the training loader is wrapped so that every batch is moved to the
-training device and augmented there by :class:`GPUAugmentation`, built from the transforms
-that the trainer's own ``get_training_transforms`` returns (same probabilities and ranges).
+nnU-Net's CPU workers still load the cases (nnU-Net's dataset class) and crop them
+(:class:`CroppingLoader`: nnU-Net's sampling, foreground oversampling and enlarged-patch
+placement, cut to the box the batch's rotation/scaling reads), but apply no transform; every
+batch is moved to the training device and augmented there by :class:`GPUAugmentation`, built
+from the transforms that the trainer's own ``get_training_transforms`` returns (same
+probabilities and ranges).
 Validation batches, the loss, ``train_step`` and everything else stay nnU-Net's.
 
 When it is on (decided in ``get_dataloaders``, logged in the training log):
