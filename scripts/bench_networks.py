@@ -18,6 +18,9 @@ one is a recompile (``recompiles``, which should be 0).
 
     python scripts/bench_networks.py --networks nnMambaSeg nnUNet --device cuda
     python scripts/bench_networks.py --compile --no-inference          # eager vs compiled
+    python scripts/bench_networks.py --channels-last off ...   # NCDHW activations for all
+
+cuDNN autotuning is on, as nnU-Net's ``run_training`` sets it.
     python scripts/bench_networks.py --compile --device cpu --patch 32 32 32 --batch 1 \
         --iters 2 --warmup 1 --compile-backend aot_eager --no-inference  # a CPU dry run
 """
@@ -62,6 +65,31 @@ def build(name, in_ch, out_ch, ds, patch=(128, 128, 128)):
     module, _, cls_name = name.rpartition(":")
     mod = importlib.import_module("nnunet_mamba.networks" + (f".{module}" if module else ""))
     return getattr(mod, cls_name)(in_ch, out_ch, deep_supervision=ds)
+
+
+class ChannelsLastInput(torch.nn.Module):
+    """A network called on channels-last inputs (nnU-Net's U-Net has no switch of its own)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x.contiguous(memory_format=torch.channels_last_3d))
+
+
+def set_layout(net, choice: str) -> str:
+    """Apply ``--channels-last`` to ``net`` (in place); returns what the network runs with."""
+    if isinstance(net, ChannelsLastInput):
+        return "channels_last"
+    inner = net
+    if hasattr(inner, "channels_last"):  # nnMambaSeg: None = channels-last on CUDA
+        if choice != "default":
+            inner.channels_last = choice == "on"
+        return {None: "channels_last on CUDA", True: "channels_last", False: "NCDHW"}[inner.channels_last]
+    if choice == "on":
+        raise SystemExit("--channels-last on: wrap with ChannelsLastInput (see build)")
+    return "NCDHW"
 
 
 def sync(device):
@@ -199,9 +227,15 @@ def main(argv=None):
                    help="also time the training step of torch.compile(network)")
     p.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend (inductor as nnU-Net; aot_eager for a CPU dry run)")
+    p.add_argument("--channels-last", choices=["default", "on", "off"], default="default",
+                   help="activation layout: the network's default (nnMambaSeg: channels-last on "
+                        "CUDA; nnU-Net's U-Net: NCDHW), or forced for every network")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    if device.type == "cuda":  # as nnU-Net's run_training sets them
+        torch.backends.cudnn.deterministic = False
+        torch.backends.cudnn.benchmark = True
     patch = tuple(args.patch)
     rows = []
     print(f"device: {torch.cuda.get_device_name(0) if device.type == 'cuda' else 'cpu'}, "
@@ -217,16 +251,25 @@ def main(argv=None):
             net = build(name, 4, 3, True, patch).to(device)
         except (ValueError, TypeError):  # networks without deep supervision (SegMamba, UNETR)
             net = build(name, 4, 3, False, patch).to(device)
+        if args.channels_last == "on" and not hasattr(net, "channels_last"):
+            net = ChannelsLastInput(net.to(memory_format=torch.channels_last_3d))
         params = sum(q.numel() for q in net.parameters()) / 1e6
+        layout = set_layout(net, args.channels_last)
         sec, peak, _ = train_speed(net, device, args.batch, patch, args.iters, args.warmup)
-        row = {"network": name, "params_M": round(params, 2), "s_per_iter": round(sec, 4),
-               "peak_GiB": round(peak, 2)}
+        with torch.no_grad(), torch.autocast(device.type, enabled=device.type == "cuda"):
+            out = net(torch.randn(1, 4, *patch, device=device))
+        out = out[0] if isinstance(out, (list, tuple)) else out
+        layout += " (output channels-last)" if out.is_contiguous(memory_format=torch.channels_last_3d) \
+            and not out.is_contiguous() else " (output NCDHW)"
+        row = {"network": name, "params_M": round(params, 2), "layout": layout,
+               "s_per_iter": round(sec, 4), "peak_GiB": round(peak, 2)}
         if args.compile:
             row.update(compiled_speed(net, device, args.batch, patch, args.iters,
                                       max(args.warmup, 3), args.compile_backend))
         if not args.no_inference:
-            if hasattr(net, "decoder"):
-                net.decoder.deep_supervision = False
+            inner = net.net if isinstance(net, ChannelsLastInput) else net
+            if hasattr(inner, "decoder"):
+                inner.decoder.deep_supervision = False
             row["sliding_window_s"] = round(sliding_window_seconds(net, device, patch), 2)
             row["sliding_window_mirror8_s"] = round(
                 sliding_window_seconds(net, device, patch, mirror=True), 2)

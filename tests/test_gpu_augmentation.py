@@ -299,6 +299,22 @@ def test_cascade_and_unknown_transforms_stay_on_cpu():
         GPUAugmentation.from_nnunet(t, [0, 1, 2], 3)
 
 
+def test_validation_pipeline_is_deterministic_label_steps_only():
+    val = nnUNetTrainer.get_validation_transforms([[1.0] * 3, [0.5] * 3], is_cascaded=False,
+                                                  foreground_labels=[1, 2], regions=[(1, 2), (2,)],
+                                                  ignore_label=None)
+    with pytest.raises(UnsupportedTransform, match="SpatialTransform"):
+        GPUAugmentation.from_nnunet(val, [0, 1, 2], 3)  # a training pipeline needs one
+    aug = GPUAugmentation.from_nnunet(val, [0, 1, 2], 3, validation=True)
+    assert aug.spatial_step is None and all(isinstance(s, LabelStep) for s in aug.steps)
+    seg = blobs((8, 8, 8))[None]
+    data, target = aug(torch.ones((1, 2, 8, 8, 8)), seg.clone())
+    assert [tuple(t.shape) for t in target] == [(1, 2, 8, 8, 8), (1, 2, 4, 4, 4)]
+    assert torch.equal(target[0][0, 1], seg[0, 0] == 2)  # region (2,), padding -1 counts as background
+    with pytest.raises(UnsupportedTransform, match="random"):
+        GPUAugmentation.from_nnunet(nnunet_transforms((16, 16, 16)), [0, 1, 2], 3, validation=True)
+
+
 def test_whole_pipeline_shapes_and_label_check():
     patch = (12, 16, 16)
     aug = GPUAugmentation.from_nnunet(nnunet_transforms(patch, ds=[[1, 1, 1], [0.5, 0.5, 0.5]]),
@@ -365,7 +381,7 @@ def test_nnunet_train_with_gpu_augmentation_on_cpu(tmp_path):
         assert proc.returncode == 0, proc.stdout[-6000:]
         return proc.stdout
 
-    run("nnUNetv2_plan_and_preprocess", "-d", "989", "-c", "3d_fullres", "-np", "1", "-npfp", "1")
+    run("nnUNetv2_plan_and_preprocess", "-d", "989", "-c", "3d_fullres", "2d", "-np", "1", "-npfp", "1")
     env.update(nnUNet_n_proc_DA="1", nnUNet_def_n_proc="1")  # one loader worker process is enough here
     out = run("nnUNetv2_train", "989", "3d_fullres", "0", "-tr", "nnUNetTrainer_GPUAug_smoke",
               "-device", "cpu")
@@ -376,11 +392,14 @@ def test_nnunet_train_with_gpu_augmentation_on_cpu(tmp_path):
     assert ckpt["trainer_name"] == "nnUNetTrainer_GPUAug_smoke"
     assert np.isfinite(ckpt["logging"]["train_losses"]).all()
     assert (fold / "validation" / "summary.json").exists()
-    _check_cropping_loader(tmp_path / "nnUNet_preprocessed" / "Dataset989_GPUAug")
+    for configuration in ("3d_fullres", "2d"):
+        _check_cropping_loader(tmp_path / "nnUNet_preprocessed" / "Dataset989_GPUAug", configuration)
 
 
-def _check_cropping_loader(preprocessed: Path):
-    """CroppingLoader samples as nnU-Net's loader does and sends the centred box of its patch."""
+def _check_cropping_loader(preprocessed: Path, configuration: str):
+    """CroppingLoader samples as nnU-Net's loader does and sends the centred box of its patch;
+    for validation it sends nnU-Net's patch, and the validation transforms on the device give
+    nnU-Net's validation batch (with and without regions)."""
     from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
     from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
@@ -388,16 +407,17 @@ def _check_cropping_loader(preprocessed: Path):
 
     from nnunet_mamba.training.gpu_augmentation_trainer import CroppingLoader
     plans = PlansManager(str(preprocessed / "nnUNetPlans.json"))
-    cm = plans.get_configuration("3d_fullres")
+    cm = plans.get_configuration(configuration)
     lm = plans.get_label_manager(json.loads((preprocessed / "dataset.json").read_text()))
     folder = str(preprocessed / cm.data_identifier)
     dataset = infer_dataset_class(folder)(folder)
     patch = tuple(cm.patch_size)
+    dim = len(patch)
     initial = tuple(int(i) for i in get_patch_size(patch, ROT3D, ROT3D, ROT3D, (0.85, 1.25)))
     step = SpatialStep(copy.deepcopy(nnunet_transforms(patch).transforms[0]), False, [0, 1, 2])
-    rotated = {"affines": np.stack([np.eye(3), [[0.0, -1, 0], [1, 0, 0], [0, 0, 1]]]),
-               "transformed": np.array([False, True])}
-    for params in ({"affines": np.stack([np.eye(3)] * 2), "transformed": np.zeros(2, bool)}, rotated):
+    quarter_turn = [[0.0, -1, 0], [1, 0, 0], [0, 0, 1]] if dim == 3 else [[0.0, -1], [1, 0]]
+    rotated = {"affines": np.stack([np.eye(dim), quarter_turn]), "transformed": np.array([False, True])}
+    for params in ({"affines": np.stack([np.eye(dim)] * 2), "transformed": np.zeros(2, bool)}, rotated):
         step.sample = lambda n, c, params=params: params  # fixed parameters, no random draws
         ours = CroppingLoader(dataset, 2, initial, patch, lm, oversample_foreground_percent=0.33,
                               spatial_step=step)
@@ -414,3 +434,24 @@ def _check_cropping_loader(preprocessed: Path):
             assert a["spatial"] is params
         expected = step.needed_extent(params, initial)
         assert tuple(a["data"].shape[2:]) == expected and (params is rotated or np.prod(expected) < np.prod(initial))
+    # validation: nnU-Net's patch, nnU-Net's validation transforms on the device
+    labels = list(lm.all_labels)
+    for regions in (None, [tuple(lm.foreground_labels), tuple(lm.foreground_labels[1:])]):
+        val_transforms = nnUNetTrainer.get_validation_transforms(
+            [[1.0] * dim, [0.5] * dim], is_cascaded=False, foreground_labels=lm.foreground_labels,
+            regions=regions, ignore_label=None)
+        aug = GPUAugmentation.from_nnunet(val_transforms, labels, dim, validation=True)
+        ours = CroppingLoader(dataset, 2, patch, patch, lm, oversample_foreground_percent=0.33,
+                              spatial_step=None)
+        theirs = nnUNetDataLoader(dataset, 2, patch, patch, lm, oversample_foreground_percent=0.33,
+                                  transforms=val_transforms)
+        for seed in range(3):
+            np.random.seed(seed)
+            a = ours.generate_train_batch()
+            np.random.seed(seed)
+            b = theirs.generate_train_batch()
+            data, target = aug(a["data"], a["target"])
+            torch.testing.assert_close(data, b["data"], atol=1e-2, rtol=1e-3)
+            assert len(target) == len(b["target"]) == 2
+            for ours_t, theirs_t in zip(target, b["target"]):
+                assert ours_t.dtype == theirs_t.dtype and torch.equal(ours_t, theirs_t)

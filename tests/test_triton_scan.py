@@ -27,6 +27,9 @@ CPU_CASES = {
     "B_grouped_C_plain": dict(b=1, d=2, L=40, N=2, G=2, C_plain=True, tile=(4, 1)),
     "L_1": dict(b=2, d=2, L=1, N=3),
     "16_steps_per_thread": dict(b=1, d=1, L=700, N=2, tile=(16, 1)),
+    # the backward's channels adding into 3 copies of dB/dC (grouped: 2 channels per group)
+    "dB_dC_copies": dict(b=2, d=3, L=140, N=2, tile=(4, 1), copies=3),
+    "dB_dC_copies_grouped": dict(b=1, d=4, L=140, N=2, G=2, tile=(4, 1), copies=3),
 }
 
 
@@ -95,10 +98,12 @@ def errors(inputs, dout, softplus, tile=None):
 
 def _interpreter_main() -> None:
     """Run the CPU cases (TRITON_INTERPRET=1 must be set) and print one JSON line."""
+    from nnunet_mamba.ssm.triton_scan import COPIES_ENV
     result = {}
     for name, opts in CPU_CASES.items():
         inputs, dout, softplus = make_case(**opts)
         inputs = {k: None if v is None else v.float() for k, v in inputs.items()}
+        os.environ[COPIES_ENV] = str(opts.get("copies", 0))
         result[name] = errors(inputs, dout.float(), softplus, tile=opts.get("tile"))
     print(json.dumps(result))
 

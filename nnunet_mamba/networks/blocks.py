@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ssm import MICCSS_FLIPS, Mamba
+from ..ssm import MICCSS_FLIPS, Mamba, memory_format_of
 
 Size = Union[int, Sequence[int]]
 
@@ -199,7 +199,8 @@ class MICCSS(nn.Module):
         n = len(self.views)
         # the siamese views stacked along the batch axis: one Mamba call for all of them
         ys = self.mamba(torch.cat([v.to_sequence(x) for v in self.views], 0)).chunk(n, 0)
-        mixed = sum(v.from_sequence(y, shape) for v, y in zip(self.views, ys))
+        fmt = memory_format_of(x)  # channels-last maps: the raster view comes back as a view
+        mixed = sum(v.from_sequence(y, shape, fmt) for v, y in zip(self.views, ys))
         return self.proj_out(x + mixed / n)
 
 

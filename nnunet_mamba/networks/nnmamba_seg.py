@@ -24,6 +24,8 @@ from .nnmamba_backbone import ResMambaEncoder, SkipScaledDecoder, level_sizes
 
 #: nnMamba's depth: a stem and three residual stages, i.e. four down-samplings
 NNMAMBA_LEVELS = 4
+#: channels-last activations: None = for CUDA inputs (see :class:`nnMambaSeg`)
+CHANNELS_LAST_DEFAULT: Optional[bool] = None
 
 
 class nnMambaSeg(nn.Module):
@@ -42,7 +44,10 @@ class nnMambaSeg(nn.Module):
     per level) and ``kernel_sizes`` (full resolution + one per level) may be anisotropic.
     ``norm``: 'batch' (the paper's BatchNorm, with bias-corrected eval statistics, see
     :class:`~nnunet_mamba.networks.blocks.BiasCorrectedBatchNorm3d`) or 'instance'
-    (nnU-Net's InstanceNorm). At in_channels=1, num_classes=16: 15.6 M parameters (paper:
+    (nnU-Net's InstanceNorm). ``channels_last``: the activations in the channels-last
+    layout (cuDNN's native one for float16 convolutions; the Mamba's raster-order tokens are
+    then views): True, False, or None = for CUDA inputs (the default; the same numbers, a
+    speed choice measured in ``bench_results/``). At in_channels=1, num_classes=16: 15.6 M parameters (paper:
     15.55 M); see ``scripts/model_size.py``.
     """
 
@@ -51,7 +56,7 @@ class nnMambaSeg(nn.Module):
                  expand: int = 2, deep_supervision: bool = False,
                  strides: Optional[Sequence[Size]] = None,
                  kernel_sizes: Optional[Sequence[Size]] = None, spatial_dims: int = 3,
-                 norm: str = "batch"):
+                 norm: str = "batch", channels_last: Optional[bool] = CHANNELS_LAST_DEFAULT):
         super().__init__()
         ops = ConvOps.create(spatial_dims, norm)
         strides, kernels = level_sizes(strides, kernel_sizes, NNMAMBA_LEVELS, spatial_dims)
@@ -72,6 +77,9 @@ class nnMambaSeg(nn.Module):
             cum = [c * k for c, k in zip(cum, s)]
             scales.append(tuple(1.0 / c for c in cum))
         self.ds_scales = scales
+        #: activations in the channels-last layout: True, False, or None = on CUDA tensors
+        self.channels_last = channels_last
+        self._channels_last_format = torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
 
     @classmethod
     def from_plans(cls, configuration_manager, num_input_channels: int, num_output_channels: int,
@@ -89,6 +97,8 @@ class nnMambaSeg(nn.Module):
 
     def forward(self, x: torch.Tensor):
         x, shape = pad_to_multiple(x, self.encoder.divisor)
+        if self.channels_last or (self.channels_last is None and x.is_cuda):
+            x = x.contiguous(memory_format=self._channels_last_format)
         out = self.decoder(self.encoder(x))
         if isinstance(out, torch.Tensor):
             return crop_to(out, shape)

@@ -60,11 +60,15 @@ class ScanOrder:
             seq = seq.flip(2)
         return seq
 
-    def from_sequence(self, seq: torch.Tensor, spatial_shape: Sequence[int]) -> torch.Tensor:
+    def from_sequence(self, seq: torch.Tensor, spatial_shape: Sequence[int],
+                      memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
         """(B, L, C) -> (B, C, D, H, W), or (B, C, H, W) when ``spatial_shape`` is (H, W):
-        the spatial shape of the original map."""
+        the spatial shape of the original map. ``memory_format``: the layout of the result
+        (channels-last maps of the raster order come back without a copy)."""
         if len(spatial_shape) == 2:
-            return self.from_sequence(seq, volume_shape(spatial_shape)).squeeze(3)
+            if memory_format == torch.channels_last:
+                memory_format = torch.channels_last_3d
+            return self.from_sequence(seq, volume_shape(spatial_shape), memory_format).squeeze(3)
         D, H, W = spatial_shape
         if seq.dim() != 3 or seq.shape[1] != D * H * W:
             raise ValueError(f"expected (B, {D * H * W}, C), got shape {tuple(seq.shape)}")
@@ -75,7 +79,7 @@ class ScanOrder:
         permuted = [(D, H, W)[a] for a in self.axes]
         vol = seq.reshape(seq.shape[0], *permuted, seq.shape[2])  # (B, a0, a1, a2, C)
         inverse = [self.axes.index(i) + 1 for i in range(3)]
-        return vol.permute(0, 4, *inverse).contiguous()
+        return vol.permute(0, 4, *inverse).contiguous(memory_format=memory_format)
 
     def permutation(self, spatial_shape: Sequence[int], device=None) -> torch.Tensor:
         """Index tensor p of length L with ``to_sequence(x)[:, i] == raster(x)[:, p[i]]``
@@ -128,9 +132,19 @@ def to_sequence(x: torch.Tensor, order: ScanOrder | str = FORWARD) -> torch.Tens
 
 
 def from_sequence(seq: torch.Tensor, spatial_shape: Sequence[int],
-                  order: ScanOrder | str = FORWARD) -> torch.Tensor:
+                  order: ScanOrder | str = FORWARD,
+                  memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
     """(B, L, C) -> (B, C, *spatial_shape), undoing :func:`to_sequence` with the same order."""
-    return get_order(order).from_sequence(seq, spatial_shape)
+    return get_order(order).from_sequence(seq, spatial_shape, memory_format)
+
+
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """``channels_last`` / ``channels_last_3d`` for a channels-last (B, C, H, W) /
+    (B, C, D, H, W) map, else ``contiguous_format``."""
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    if fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt):
+        return fmt
+    return torch.contiguous_format
 
 
 def get_order(order: ScanOrder | str) -> ScanOrder:

@@ -22,7 +22,8 @@ The backward pass recomputes: passes 1-2 give the forward carries, passes 1-2 in
 time the adjoint carries (g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}), and
 ``_bwd_kernel`` rebuilds h and g of each tile by a forward and a reverse scan per state
 and writes du, ddelta, dz; dB and dC are float32 atomic sums over the channels (as in
-mamba-ssm), dA, dD and ddelta_bias per-tile partial sums. Nothing but the inputs is kept
+mamba-ssm; channel c adds into copy c mod R of them, the R copies summed afterwards), dA,
+dD and ddelta_bias per-tile partial sums. Nothing but the inputs is kept
 between forward and backward. In the forward grids channels vary fastest (the programs in
 flight share B and C tiles in L2); the backward kernel takes all tiles of a channel first,
 since channels-first programs collide in their dB/dC atomics (2.4x slower on an H200,
@@ -48,6 +49,9 @@ LOG2E = 1.4426950408889634
 TILE_ENV = "NNUNET_MAMBA_TRITON_TILES"
 #: benchmarks only: tiles per program group of the backward kernel (default: all)
 GROUP_ENV = "NNUNET_MAMBA_TRITON_BWD_GROUP"
+#: benchmarks only: copies of dB/dC the backward kernel's channels add into (summed after)
+COPIES_ENV = "NNUNET_MAMBA_TRITON_BWD_COPIES"
+DEFAULT_BWD_COPIES = 1
 
 
 def _interpreting() -> bool:
@@ -335,7 +339,7 @@ if triton is not None:
     def _bwd_kernel(u_ptr, dt_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dout_ptr,
                     H_ptr, Gc_ptr,
                     du_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr,
-                    dim, L, N, K, G, dpg, TG,
+                    dim, L, N, K, G, dpg, TG, R, RS,
                     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr,
                     HAS_Z: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr):
         """Tile k of channel c: per state, h by a forward scan from H_{k-1} and the adjoint
@@ -363,6 +367,7 @@ if triton is not None:
         dtu = dt * u
         dy, z, dout = _load_dy(dout_ptr + io, z_ptr + io, t4, L, HAS_Z, T2)
         bc = (b * G + c // dpg) * N * L
+        rc = bc + (c % R) * RS  # this channel's copy of dB/dC (R copies: fewer colliding adds)
         st = ((b * K + k) * dim + c) * N
         y = tl.zeros((T2, T1), dtype=tl.float32)
         gB = tl.zeros((T2, T1), dtype=tl.float32)
@@ -378,9 +383,9 @@ if triton is not None:
             h = _scan_tile(tl.exp2(A2 * dt), x, h0, t1, T1, T2, False)
             if HAS_Z:
                 y += Cn * h
-            _add(dC_ptr + bc + n * L, t4, L, dy * h, T2)
+            _add(dC_ptr + rc + n * L, t4, L, dy * h, T2)
             g = _scan_tile(tl.exp2(A2 * dtn), Cn * dy, ge, t1, T1, T2, True)
-            _add(dB_ptr + bc + n * L, t4, L, g * dtu, T2)
+            _add(dB_ptr + rc + n * L, t4, L, g * dtu, T2)
             gB += g * Bn
             w = g * (h - x)  # g_t exp(delta_t A) h_{t-1}
             wA += A * w
@@ -523,15 +528,17 @@ def selective_scan_backward(dout, u, delta, A, B, C, D=None, z=None, delta_bias=
     f32 = dict(device=u.device, dtype=torch.float32)
     du, ddelta = torch.empty_like(u), torch.empty_like(delta)
     dA = Pg  # per-tile partial sums (b, K, d, N), summed below
-    dB = torch.zeros(B4.shape, **f32)
-    dC = torch.zeros(C4.shape, **f32)
+    R = max(1, min(int(os.environ.get(COPIES_ENV, "0")) or DEFAULT_BWD_COPIES, dim // G))
+    dB = torch.zeros((R, *B4.shape), **f32)
+    dC = torch.zeros((R, *C4.shape), **f32)
     part = torch.empty(2, b, K, dim, **f32)  # dD, ddelta_bias partial sums
     dz = torch.empty_like(z) if z is not None else None
     TG = int(os.environ.get(GROUP_ENV, "0")) or K
     _bwd_kernel[(K * dim, b)](
         u, delta, bias, A, B4, C4, dummy if D is None else D, zz, dout, H, Gs,
         du, ddelta, dA, dB, dC, part[0], du if dz is None else dz, part[1],
-        dim, L, N, K, G, dpg, min(TG, K), HAS_D=D is not None, **flags)
+        dim, L, N, K, G, dpg, min(TG, K), R, B4.numel(), HAS_D=D is not None, **flags)
+    dB, dC = (dB[0], dC[0]) if R == 1 else (dB.sum(0), dC.sum(0))
     dA = dA.sum((0, 1))
     dD = part[0].sum((0, 1)) if D is not None else None
     dbias = part[1].sum((0, 1)) if delta_bias is not None else None

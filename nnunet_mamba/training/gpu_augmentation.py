@@ -278,8 +278,13 @@ class GPUAugmentation:
         self._checked = False
 
     @classmethod
-    def from_nnunet(cls, transforms, label_values: Sequence[int], dim: int) -> "GPUAugmentation":
-        """Translate nnU-Net's ``ComposeTransforms`` (``dim``: 2 or 3 spatial axes of the patch)."""
+    def from_nnunet(cls, transforms, label_values: Sequence[int], dim: int,
+                    validation: bool = False) -> "GPUAugmentation":
+        """Translate nnU-Net's ``ComposeTransforms`` (``dim``: 2 or 3 spatial axes of the patch).
+
+        A training pipeline needs its SpatialTransform (it cuts the final patch);
+        ``validation=True`` takes nnU-Net's validation transforms (label removal, regions,
+        deep-supervision targets: deterministic), whose patch the loader cuts."""
         if not isinstance(transforms, ComposeTransforms):
             raise UnsupportedTransform(f"expected nnU-Net's ComposeTransforms, got {type(transforms).__name__}")
         todo, steps = list(transforms.transforms), []
@@ -306,13 +311,16 @@ class GPUAugmentation:
                 steps.append(LabelStep(t))
             else:
                 raise UnsupportedTransform(f"{type(t).__name__} (probability {p}) has no batched version")
-        if not any(isinstance(s, SpatialStep) for s in steps):
+        if validation and any(not isinstance(s, LabelStep) for s in steps):
+            raise UnsupportedTransform("validation transforms with random steps")
+        if not validation and not any(isinstance(s, SpatialStep) for s in steps):
             raise UnsupportedTransform("the pipeline has no SpatialTransform to cut the final patch")
         return cls(steps, label_values)
 
     @property
-    def spatial_step(self) -> SpatialStep:
-        return next(s for s in self.steps if isinstance(s, SpatialStep))
+    def spatial_step(self) -> Optional[SpatialStep]:
+        """The rotation/scaling step (None in a validation pipeline)."""
+        return next((s for s in self.steps if isinstance(s, SpatialStep)), None)
 
     def sample(self, n_samples: int, n_channels: int, spatial: Optional[dict] = None) -> list:
         """Parameters of every step for one batch (host side, nnU-Net's random draws);
