@@ -32,6 +32,7 @@ CONFIGS = {  # name: (tiles, copies, group); "" = the module's default
     "t8-4 c4": ("8,1,4,1", "4", ""),
     "t8-4 c8": ("8,1,4,1", "8", ""),
     "t16-8 c8": ("16,1,8,1", "8", ""),
+    "t8-4 g16": ("8,1,4,1", "", "16"),
     "t8-4 c8 g16": ("8,1,4,1", "8", "16"),
     "t8-4 c16 g16": ("8,1,4,1", "16", "16"),
 }
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
             cells = []
             for name in args.configs:
                 for knob, value in zip(KNOBS, CONFIGS[name]):
-                    os.environ[knob] = value
+                    os.environ.pop(knob, None) if not value else os.environ.__setitem__(knob, value)
                 ms = time_ms("triton", x, grad, args.reps)
                 if group == "nnmamba":
                     totals[name] += ms

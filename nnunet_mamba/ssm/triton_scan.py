@@ -528,12 +528,12 @@ def selective_scan_backward(dout, u, delta, A, B, C, D=None, z=None, delta_bias=
     f32 = dict(device=u.device, dtype=torch.float32)
     du, ddelta = torch.empty_like(u), torch.empty_like(delta)
     dA = Pg  # per-tile partial sums (b, K, d, N), summed below
-    R = max(1, min(int(os.environ.get(COPIES_ENV, "0")) or DEFAULT_BWD_COPIES, dim // G))
+    R = max(1, min(int(os.environ.get(COPIES_ENV) or 0) or DEFAULT_BWD_COPIES, dim // G))
     dB = torch.zeros((R, *B4.shape), **f32)
     dC = torch.zeros((R, *C4.shape), **f32)
     part = torch.empty(2, b, K, dim, **f32)  # dD, ddelta_bias partial sums
     dz = torch.empty_like(z) if z is not None else None
-    TG = int(os.environ.get(GROUP_ENV, "0")) or K
+    TG = int(os.environ.get(GROUP_ENV) or 0) or K
     _bwd_kernel[(K * dim, b)](
         u, delta, bias, A, B4, C4, dummy if D is None else D, zz, dout, H, Gs,
         du, ddelta, dA, dB, dC, part[0], du if dz is None else dz, part[1],
