@@ -30,6 +30,8 @@ CPU_CASES = {
     # the backward's channels adding into 3 copies of dB/dC (grouped: 2 channels per group)
     "dB_dC_copies": dict(b=2, d=3, L=140, N=2, tile=(4, 1), copies=3),
     "dB_dC_copies_grouped": dict(b=1, d=4, L=140, N=2, G=2, tile=(4, 1), copies=3),
+    # 6 backward tiles in program groups of 4 and 2
+    "backward_tile_groups": dict(b=1, d=3, L=700, N=2, tile=(4, 1), group=4),
 }
 
 
@@ -98,12 +100,13 @@ def errors(inputs, dout, softplus, tile=None):
 
 def _interpreter_main() -> None:
     """Run the CPU cases (TRITON_INTERPRET=1 must be set) and print one JSON line."""
-    from nnunet_mamba.ssm.triton_scan import COPIES_ENV
+    from nnunet_mamba.ssm.triton_scan import COPIES_ENV, GROUP_ENV
     result = {}
     for name, opts in CPU_CASES.items():
         inputs, dout, softplus = make_case(**opts)
         inputs = {k: None if v is None else v.float() for k, v in inputs.items()}
         os.environ[COPIES_ENV] = str(opts.get("copies", 0))
+        os.environ[GROUP_ENV] = str(opts.get("group", 0))
         result[name] = errors(inputs, dout.float(), softplus, tile=opts.get("tile"))
     print(json.dumps(result))
 

@@ -8,7 +8,7 @@ Same maths as :func:`nnunet_mamba.ssm.selective_scan`::
 
 Built for 3D images, i.e. very long sequences (32^3-64^3) and few channels: besides batch
 and channel the work is split over *tiles* of T = T2 x 32 steps of the sequence (one
-warp; T2 = 16 forward, 8 backward), a chunked scan in three passes:
+warp; T2 = 8 forward, 4 backward), a chunked scan in three passes:
 
 1. ``_state_kernel``: each tile's end state from a zero start and its decay, as sums
    (no scan): S = sum_t exp(A sum_{r>t} delta_r) delta_t B_t u_t, P = exp(A sum delta).
@@ -22,12 +22,14 @@ The backward pass recomputes: passes 1-2 give the forward carries, passes 1-2 in
 time the adjoint carries (g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}), and
 ``_bwd_kernel`` rebuilds h and g of each tile by a forward and a reverse scan per state
 and writes du, ddelta, dz; dB and dC are float32 atomic sums over the channels (as in
-mamba-ssm; channel c adds into copy c mod R of them, the R copies summed afterwards), dA,
-dD and ddelta_bias per-tile partial sums. Nothing but the inputs is kept
+mamba-ssm; channel c adds into copy c mod R of them, R = 8, the copies summed
+afterwards), dA, dD and ddelta_bias per-tile partial sums. Nothing but the inputs is kept
 between forward and backward. In the forward grids channels vary fastest (the programs in
-flight share B and C tiles in L2); the backward kernel takes all tiles of a channel first,
-since channels-first programs collide in their dB/dC atomics (2.4x slower on an H200,
-bench_results/triton_scan_h200.txt). Runs on CUDA, and on CPU tensors under
+flight share B and C tiles in L2); the backward kernel runs groups of 16 tiles, all
+channels of a group before the next (B/C and dB/dC of a group stay in L2), tiles fastest
+inside a group (channels-first programs collide in their dB/dC atomics: 2.4x slower).
+The tile shapes, copies and group size are the fastest of those measured on an H200
+(bench_results/triton_scan_h200.txt, ``scripts/tune_triton_scan.py``). Runs on CUDA, and on CPU tensors under
 ``TRITON_INTERPRET=1`` (Triton's interpreter, for tests).
 """
 from __future__ import annotations
@@ -47,11 +49,12 @@ except Exception as e:  # triton missing (CPU-only wheels, macOS) or broken
 LOG2E = 1.4426950408889634
 #: benchmarks only: tile shapes "T2,warps,T2,warps" (forward, backward) instead of the defaults
 TILE_ENV = "NNUNET_MAMBA_TRITON_TILES"
-#: benchmarks only: tiles per program group of the backward kernel (default: all)
+#: benchmarks only: tiles per program group of the backward kernel
 GROUP_ENV = "NNUNET_MAMBA_TRITON_BWD_GROUP"
 #: benchmarks only: copies of dB/dC the backward kernel's channels add into (summed after)
 COPIES_ENV = "NNUNET_MAMBA_TRITON_BWD_COPIES"
-DEFAULT_BWD_COPIES = 1
+DEFAULT_BWD_COPIES = 8
+DEFAULT_BWD_GROUP = 16
 
 
 def _interpreting() -> bool:
@@ -344,9 +347,9 @@ if triton is not None:
                     HAS_Z: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr):
         """Tile k of channel c: per state, h by a forward scan from H_{k-1} and the adjoint
         g by a reverse scan from G_{k+1}; dA/dD/dbias as per-tile partial sums."""
-        # program order: groups of TG tiles, tiles fastest inside a group (TG >= K: all
-        # tiles of a channel first, measured best; TG = 1: channels fastest, whose dB/dC
-        # atomics then collide)
+        # program order: groups of TG tiles (all channels of a group before the next
+        # group: B/C and dB/dC stay in L2), tiles fastest inside a group (TG = 1: channels
+        # fastest, whose dB/dC atomics collide)
         pid = tl.program_id(0)
         first = (pid // (TG * dim)) * TG
         in_group = tl.minimum(TG, K - first)
@@ -418,16 +421,16 @@ def _next_pow2(n: int) -> int:
 
 def _tile(L: int, tile=None, backward=False) -> tuple[int, int]:
     """(T2 steps per thread, warps) of a tile of T = T2 x 32 warps steps: one warp (the
-    scan across lanes needs no shared memory), 16 steps per thread forward, 8 backward
-    (registers)."""
+    scan across lanes needs no shared memory), 8 steps per thread forward, 4 backward
+    (registers; the fastest measured on an H200)."""
     if tile is not None:
         return tile
     env = os.environ.get(TILE_ENV, "").split(",")
     if len(env) == 4:  # for benchmarks: "T2,warps,T2,warps" (forward, backward)
         T2, warps = int(env[2 * backward]), int(env[2 * backward + 1])
         return (T2, warps) if L > 32 * T2 * warps // 2 else (4, 1)
-    T2 = 8 if backward else 16
-    return (T2, 1) if L > 32 * 8 else (4, 1)
+    T2 = 4 if backward else 8
+    return (T2, 1) if L > 32 * 4 else (4, 1)
 
 
 def _prep(u, delta, A, B, C, D, z, delta_bias):
@@ -533,7 +536,7 @@ def selective_scan_backward(dout, u, delta, A, B, C, D=None, z=None, delta_bias=
     dC = torch.zeros((R, *C4.shape), **f32)
     part = torch.empty(2, b, K, dim, **f32)  # dD, ddelta_bias partial sums
     dz = torch.empty_like(z) if z is not None else None
-    TG = int(os.environ.get(GROUP_ENV) or 0) or K
+    TG = int(os.environ.get(GROUP_ENV) or 0) or DEFAULT_BWD_GROUP
     _bwd_kernel[(K * dim, b)](
         u, delta, bias, A, B4, C4, dummy if D is None else D, zz, dout, H, Gs,
         du, ddelta, dA, dB, dC, part[0], du if dz is None else dz, part[1],
