@@ -455,3 +455,41 @@ def _check_cropping_loader(preprocessed: Path, configuration: str):
             assert len(target) == len(b["target"]) == 2
             for ours_t, theirs_t in zip(target, b["target"]):
                 assert ours_t.dtype == theirs_t.dtype and torch.equal(ours_t, theirs_t)
+
+
+class _TinyDataset:
+    """Two cases of 8^3 voxels, smaller than the patch (padding on every side)."""
+
+    identifiers = ["a", "b"]
+
+    def __init__(self, scale: float):
+        rng = np.random.default_rng(0)
+        self.cases = {k: (rng.standard_normal((2, 8, 8, 8)).astype(np.float32) * scale,
+                          rng.integers(0, 3, (1, 8, 8, 8)).astype(np.int8)) for k in self.identifiers}
+
+    def load_case(self, key):
+        image, seg = self.cases[key]
+        return image, seg, None, {"class_locations": {c: np.argwhere(seg == c) for c in (1, 2)}}
+
+
+@pytest.mark.parametrize("scale, check, dtype", [(1.0, True, torch.float16), (1e6, True, torch.float32),
+                                                 (1.0, False, torch.float16)])
+def test_cropping_loader_pads_and_keeps_large_values(scale, check, dtype):
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+    from nnunet_mamba.training.gpu_augmentation_trainer import CroppingLoader
+    lm = LabelManager({"background": 0, "a": 1, "b": 2}, None)
+    data = _TinyDataset(scale)
+    loader = CroppingLoader(data, 2, (12, 12, 12), (12, 12, 12), lm, oversample_foreground_percent=0.0,
+                            spatial_step=None, check_float16_range=check)
+    batch = loader.generate_train_batch()
+    assert batch["data"].dtype == dtype and batch["data"].shape == (2, 2, 12, 12, 12)
+    assert batch["data"].is_shared() and batch["target"].dtype == torch.int8
+    for j, key in enumerate(batch["keys"]):
+        image, seg = data.cases[key]
+        # the 8^3 case sits inside the 12^3 patch (nnU-Net centres it): zeros / -1 around it
+        inside = batch["target"][j, 0] != -1
+        assert inside.sum() == 8 ** 3
+        torch.testing.assert_close(batch["data"][j][:, inside].float(),
+                                   torch.from_numpy(image).reshape(2, -1).to(dtype).float())
+        assert (batch["data"][j][:, ~inside] == 0).all()

@@ -124,3 +124,26 @@ def test_old_nnunetv2_is_refused_with_the_fix():
     with pytest.raises(ImportError, match=r"nnunetv2>=2\.8.*pip install -U"):
         require_nnunetv2("2.6.2")
     assert require_nnunetv2("2.8.1") == "2.8.1"
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_channels_last_gives_the_same_numbers(dim):
+    """The channels-last layout (the default for CUDA inputs in eager mode) is a speed choice:
+    outputs and gradients equal the NCDHW ones (float64)."""
+    torch.manual_seed(0)
+    kw = dict(deep_supervision=True, spatial_dims=dim, base_channels=8)
+    ref = nnMambaSeg(2, 3, channels_last=False, **kw).double()
+    cl = nnMambaSeg(2, 3, channels_last=True, **kw).double()
+    cl.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 2, *([16] * dim), dtype=torch.float64)
+    out_ref, out_cl = ref(x), cl(x)
+    fmt = torch.channels_last_3d if dim == 3 else torch.channels_last
+    for a, b in zip(out_ref, out_cl):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+    assert not out_ref[0].is_contiguous(memory_format=fmt) or out_ref[0].is_contiguous()
+    sum(o.square().mean() for o in out_ref).backward()
+    sum(o.square().mean() for o in out_cl).backward()
+    for (name, p), q in zip(ref.named_parameters(), cl.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-8, atol=1e-10, msg=name)
+    assert nnMambaSeg(2, 3, **kw).channels_last is None  # default: CUDA inputs, eager mode
+

@@ -310,6 +310,22 @@ def test_scan_order_round_trip(name, order, shape):
         torch.testing.assert_close(seq, raster[:, order.permutation(shape)], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("name, order", ORDERS[:4], ids=[n for n, _ in ORDERS[:4]])
+@pytest.mark.parametrize("dim", [2, 3])
+def test_scan_order_channels_last_maps(name, order, dim):
+    from nnunet_mamba.ssm import memory_format_of
+    fmt = torch.channels_last_3d if dim == 3 else torch.channels_last
+    shape = (3, 4, 5)[-dim:]
+    x = torch.randn(2, 3, *shape).contiguous(memory_format=fmt)
+    assert memory_format_of(x) == fmt and memory_format_of(x.contiguous()) == torch.contiguous_format
+    seq = to_sequence(x, order)
+    back = from_sequence(seq, shape, order, memory_format=fmt)
+    torch.testing.assert_close(back, x, rtol=0, atol=0)
+    assert memory_format_of(back) == fmt
+    if order == NAMED_ORDERS["forward"]:  # the raster order of a channels-last map: views both ways
+        assert seq.data_ptr() == x.data_ptr() and back.data_ptr() == x.data_ptr()
+
+
 def test_six_axis_permutations_are_distinct_orders():
     shape = (2, 3, 4)
     perms = {tuple(o.permutation(shape).tolist()) for o in AXIS_PERMUTATIONS}
