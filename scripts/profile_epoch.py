@@ -6,6 +6,7 @@ For each trainer, built as ``nnUNetv2_train`` builds it (nnU-Net's plans, datase
 - ``loader``: batches from nnU-Net's worker processes into the main process (loading,
   cropping, nnU-Net's CPU augmentation where it runs there, passing between processes,
   pinning) - the rate the CPU side can sustain;
+- ``val_loader``: validation batches, ready for ``validation_step``;
 - ``gpu_aug``: the batched GPU augmentation of one batch (GPU-path trainers only);
 - ``step``: ``train_step`` on one fixed, already augmented batch (the network's share);
 - ``iteration``: ``train_step(next(dataloader_train))``, what an epoch's iteration costs.
@@ -60,13 +61,15 @@ def profile(dataset: str, configuration: str, trainer_name: str, iterations: int
         data, target = raw["data"].to(dev), raw["target"].to(dev)
         out["gpu_aug"] = _timed(lambda: outer.augmentation(data.clone(), target.clone(),
                                                            spatial=raw.get("spatial")), iterations, sync)
+    val = trainer.dataloader_val  # validation batches (on the GPU path: cut and transformed as training's)
+    out["val_loader"] = _timed(lambda: next(val), max(1, iterations // 2), sync)
     if not loader_only:
         fixed = next(outer)
         out["step"] = _timed(lambda: trainer.train_step(fixed), iterations, sync)
         out["iteration"] = _timed(lambda: trainer.train_step(next(outer)), iterations, sync)
     if dev.type == "cuda":
         out["peak_GB"] = torch.cuda.max_memory_allocated(dev) / 1e9
-    for loader in (inner, trainer.dataloader_val):
+    for loader in (inner, getattr(val, "loader", val)):
         if hasattr(loader, "_finish"):
             loader._finish()
     return out
@@ -90,7 +93,7 @@ def main(argv=None) -> None:
             extra += f" | step {r['step']:.1f} | iteration {r['iteration']:.1f}"
         print(f"PROFILE {name} (workers {r['workers']}, compile {os.environ.get('nnUNet_compile', 'default')}, "
               f"GPU augmentation {'on, crop ' + crop if r['gpu_augmentation'] else 'off'}): ms per batch: "
-              f"loader {r['loader']:.1f} ({r['loader_MB']:.0f} MB/batch){extra} | peak {r.get('peak_GB', 0):.1f} GB",
+              f"loader {r['loader']:.1f} ({r['loader_MB']:.0f} MB/batch) | val_loader {r['val_loader']:.1f}{extra} | peak {r.get('peak_GB', 0):.1f} GB",
               flush=True)
 
 
