@@ -139,11 +139,11 @@ def test_channels_last_gives_the_same_numbers(dim):
     out_ref, out_cl = ref(x), cl(x)
     fmt = torch.channels_last_3d if dim == 3 else torch.channels_last
     for a, b in zip(out_ref, out_cl):
-        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(b, a, rtol=1e-7, atol=1e-8)  # float64, other conv algorithms
     assert not out_ref[0].is_contiguous(memory_format=fmt) or out_ref[0].is_contiguous()
     sum(o.square().mean() for o in out_ref).backward()
     sum(o.square().mean() for o in out_cl).backward()
     for (name, p), q in zip(ref.named_parameters(), cl.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, rtol=1e-8, atol=1e-10, msg=name)
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-6, atol=1e-9, msg=name)
     assert nnMambaSeg(2, 3, **kw).channels_last is None  # default: CUDA inputs, eager mode
 
