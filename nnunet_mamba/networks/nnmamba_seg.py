@@ -48,7 +48,8 @@ class nnMambaSeg(nn.Module):
     layout (cuDNN's native one for float16 convolutions; the Mamba's raster-order tokens are
     then views): True, False, or None = for CUDA inputs in eager mode (the default; under
     ``torch.compile`` Inductor's own layout choice is faster: on an H200 channels-last made
-    the eager step 9 % faster and the compiled one 40 % slower, bench_results/). The same
+    the eager step ~9 % faster and the compiled one 40 % slower,
+    bench_results/h200_session3_speed.log). The same
     numbers either way. At in_channels=1, num_classes=16: 15.6 M parameters (paper:
     15.55 M); see ``scripts/model_size.py``.
     """

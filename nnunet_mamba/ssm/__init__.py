@@ -8,7 +8,7 @@ from .selective_scan import (BACKEND_ENV, MEMORY_ENV, ScanBackendError, backend_
 
 __all__ = [
     "Mamba", "MultiScanMamba", "SSMBranch", "ScanOrder", "to_sequence", "from_sequence",
-    "get_order", "memory_format_of", "FORWARD", "REVERSE", "INTER_SLICE", "AXIS_PERMUTATIONS", "MICCSS_FLIPS",
-    "NAMED_ORDERS", "selective_scan", "resolve_backend", "backend_status", "ScanBackendError",
+    "get_order", "memory_format_of", "FORWARD", "REVERSE", "INTER_SLICE", "AXIS_PERMUTATIONS",
+    "MICCSS_FLIPS", "NAMED_ORDERS", "selective_scan", "resolve_backend", "backend_status", "ScanBackendError",
     "BACKEND_ENV", "MEMORY_ENV",
 ]

@@ -29,8 +29,8 @@ flight share B and C tiles in L2); the backward kernel runs groups of 16 tiles, 
 channels of a group before the next (B/C and dB/dC of a group stay in L2), tiles fastest
 inside a group (channels-first programs collide in their dB/dC atomics: 2.4x slower).
 The tile shapes, copies and group size are the fastest of those measured on an H200
-(bench_results/triton_scan_h200.txt, ``scripts/tune_triton_scan.py``). Runs on CUDA, and on CPU tensors under
-``TRITON_INTERPRET=1`` (Triton's interpreter, for tests).
+(``scripts/tune_triton_scan.py``, bench_results/h200_session3_speed.log). Runs on CUDA, and
+on CPU tensors under ``TRITON_INTERPRET=1`` (Triton's interpreter, for tests).
 """
 from __future__ import annotations
 

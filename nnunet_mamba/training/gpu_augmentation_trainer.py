@@ -75,10 +75,11 @@ class CroppingLoader(nnUNetDataLoader):
     common case. With ``spatial_step=None`` (validation) it cuts nnU-Net's patch as it is.
     The batch is written in place into shared memory (the queue to the main process then
     passes it on without a copy; zeros / -1 outside the image, nnU-Net's padding). Images
-    travel as float16 (float32 if a value exceeds float16's range; the
-    network sees float16 under AMP anyway), labels as int8 when the dataset's labels fit. For BraTS plans
-    (patch 112x160x128, enlarged 208x238x196) the workers read, and pass on to the main
-    process and the GPU, ~8x fewer bytes than nnU-Net's whole enlarged patch in float32.
+    travel as float16 (float32 if a value exceeds float16's range, checked per crop unless
+    ``check_float16_range=False``; the network sees float16 under AMP anyway), labels as
+    int8 when the dataset's labels fit. For BraTS plans (patch 112x160x128, enlarged
+    208x238x196) the workers read, and pass on to the main process and the GPU, ~8x fewer
+    bytes than nnU-Net's whole enlarged patch in float32.
 
     Returns ``{'data': (B, C, *box), 'target': (B, Cs, *box), 'keys', 'spatial': params}``;
     :class:`GPUAugmentedLoader` hands ``spatial`` to :class:`GPUAugmentation`.
@@ -116,6 +117,8 @@ class CroppingLoader(nnUNetDataLoader):
         # without a copy; zeros outside the images (nnU-Net pads images with 0), -1 outside the labels
         data = _shared_empty((len(cases), n_image, *box), torch.float16)
         seg = _shared_empty((len(cases), n_label, *box), self.label_dtype)
+        # a 2D patch is one slice of the 3D case: that axis goes (axis 1 of the crops)
+        first = 0 if self.patch_size_was_2d else slice(None)
         for j, (image, label, label_prev, properties) in enumerate(cases):
             lbs, _ = self.get_bbox(image.shape[1:], self.get_do_oversample(j), properties["class_locations"])
             # the box shares the enlarged patch's centre (center_crop_slices' convention)
@@ -125,8 +128,6 @@ class CroppingLoader(nnUNetDataLoader):
                 data[j], seg[j] = 0, -1  # (part of) the box lies outside the image
             if src is None:
                 continue
-            # a 2D patch is one slice of the 3D case: that axis goes (axis 1 of the crops)
-            first = 0 if self.patch_size_was_2d else slice(None)
             crop = torch.from_numpy(np.ascontiguousarray(image[(slice(None), *src)]))[:, first]
             if data.dtype == torch.float16 and self.check_float16_range and crop.numel():
                 low, high = torch.aminmax(crop)
@@ -170,8 +171,9 @@ class GPUAugmentedLoader:
     transforms on ``device``.
 
     Yields ``{'data': (B, C, *patch), 'target': tensor or list, 'keys': ...}`` on the device;
-    nnU-Net's ``train_step`` / ``validation_step`` then find their tensors already there. On CUDA the next batch's
-    (pinned) host-to-device copy runs on a side stream while the current step computes.
+    nnU-Net's ``train_step`` / ``validation_step`` then find their tensors already there.
+    On CUDA the next batch's (pinned) host-to-device copy runs on a side stream while the
+    current step computes.
     """
 
     def __init__(self, loader, augmentation: GPUAugmentation, device: torch.device):
