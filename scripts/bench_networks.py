@@ -35,6 +35,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from nnunet_mamba.ssm import memory_format_of
+
 
 def nnunet_default_unet(in_ch, out_ch, deep_supervision, n_stages=6):
     from dynamic_network_architectures.architectures.unet import PlainConvUNet
@@ -83,10 +85,11 @@ def set_layout(net, choice: str) -> str:
     if isinstance(net, ChannelsLastInput):
         return "channels_last"
     inner = net
-    if hasattr(inner, "channels_last"):  # nnMambaSeg: None = channels-last on CUDA
+    if hasattr(inner, "channels_last"):  # nnMambaSeg: None = channels-last on CUDA, eager
         if choice != "default":
             inner.channels_last = choice == "on"
-        return {None: "channels_last on CUDA", True: "channels_last", False: "NCDHW"}[inner.channels_last]
+        return {None: "channels_last on CUDA when eager", True: "channels_last",
+                False: "NCDHW"}[inner.channels_last]
     if choice == "on":
         raise SystemExit("--channels-last on: wrap with ChannelsLastInput (see build)")
     return "NCDHW"
@@ -259,8 +262,8 @@ def main(argv=None):
         with torch.no_grad(), torch.autocast(device.type, enabled=device.type == "cuda"):
             out = net(torch.randn(1, 4, *patch, device=device))
         out = out[0] if isinstance(out, (list, tuple)) else out
-        layout += " (output channels-last)" if out.is_contiguous(memory_format=torch.channels_last_3d) \
-            and not out.is_contiguous() else " (output NCDHW)"
+        layout += " (output NCDHW)" if memory_format_of(out) == torch.contiguous_format \
+            else " (output channels-last)"
         row = {"network": name, "params_M": round(params, 2), "layout": layout,
                "s_per_iter": round(sec, 4), "peak_GiB": round(peak, 2)}
         if args.compile:
