@@ -144,7 +144,7 @@ def train_speed(net, device, batch, patch, iters, warmup, amp=True, model=None):
     return sum(times) / len(times), peak, first
 
 
-def compiled_speed(net, device, batch, patch, iters, warmup, backend="inductor"):
+def compiled_speed(net, device, batch, patch, iters, warmup, backend="inductor", mode=None):
     """The training step of ``torch.compile(net)`` (nnU-Net's default on CUDA) and Dynamo's
     account: graph breaks, frames compiled for training, for a validation forward (eval
     mode, no_grad) and for training again after it (the last should be 0)."""
@@ -152,7 +152,7 @@ def compiled_speed(net, device, batch, patch, iters, warmup, backend="inductor")
 
     torch._dynamo.reset()
     counters.clear()
-    model = torch.compile(net, backend=backend)
+    model = torch.compile(net, backend=backend, mode=mode)
     sec, peak, first = train_speed(net, device, batch, patch, iters, warmup, model=model)
     frames_train = counters["frames"]["total"]
     net.eval()
@@ -230,6 +230,8 @@ def main(argv=None):
                    help="also time the training step of torch.compile(network)")
     p.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend (inductor as nnU-Net; aot_eager for a CPU dry run)")
+    p.add_argument("--compile-mode", default=None,
+                   help="torch.compile mode (default: nnU-Net's, None; e.g. reduce-overhead = CUDA graphs)")
     p.add_argument("--channels-last", choices=["default", "on", "off"], default="default",
                    help="activation layout: the network's default (nnMambaSeg: channels-last on "
                         "CUDA; nnU-Net's U-Net: NCDHW), or forced for every network")
@@ -243,7 +245,7 @@ def main(argv=None):
     rows = []
     print(f"device: {torch.cuda.get_device_name(0) if device.type == 'cuda' else 'cpu'}, "
           f"torch {torch.__version__}, batch {args.batch}, patch {patch}, AMP fp16 "
-          f"{device.type == 'cuda'}" + (f", compile backend {args.compile_backend}"
+          f"{device.type == 'cuda'}" + (f", compile backend {args.compile_backend} mode {args.compile_mode}"
                                         if args.compile else ""), flush=True)
     if device.type == "cuda":
         from nnunet_mamba.ssm import resolve_backend
@@ -268,7 +270,7 @@ def main(argv=None):
                "s_per_iter": round(sec, 4), "peak_GiB": round(peak, 2)}
         if args.compile:
             row.update(compiled_speed(net, device, args.batch, patch, args.iters,
-                                      max(args.warmup, 3), args.compile_backend))
+                                      max(args.warmup, 3), args.compile_backend, args.compile_mode))
         if not args.no_inference:
             inner = net.net if isinstance(net, ChannelsLastInput) else net
             if hasattr(inner, "decoder"):

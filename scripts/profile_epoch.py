@@ -11,6 +11,10 @@ For each trainer, built as ``nnUNetv2_train`` builds it (nnU-Net's plans, datase
 - ``step``: ``train_step`` on one fixed, already augmented batch (the network's share);
 - ``iteration``: ``train_step(next(dataloader_train))``, what an epoch's iteration costs.
 
+``--diagnose`` (CUDA) adds the step's phases (forward, loss, backward, optimiser: GPU ms
+from CUDA events against the host's ms to queue them) and the places where the host waits
+for the GPU during an iteration (``torch.cuda.set_sync_debug_mode``).
+
 An iteration costs about ``max(loader, gpu_aug + step)``: whichever is larger bounds the epoch.
 
     nnUNet_raw=... nnUNet_preprocessed=... nnUNet_results=... \\
@@ -37,8 +41,63 @@ def _timed(fn, n: int, sync) -> float:
     return (time.perf_counter() - t0) / n * 1e3
 
 
+def _phases(trainer, batch: dict, n: int) -> dict:
+    """GPU-side ms (CUDA events, no host wait in between) and host-side ms (queueing the
+    work) per phase of nnU-Net's training step on one fixed batch: forward, loss, backward,
+    unscale + clip + optimiser. A phase whose host time reaches its GPU time is bound by
+    kernel launches, not by the GPU."""
+    names = ("forward", "loss", "backward", "optimizer")
+    gpu, host = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
+    net, opt, scaler = trainer.network, trainer.optimizer, trainer.grad_scaler
+    data, target = batch["data"], batch["target"]
+    torch.cuda.synchronize()
+    for _ in range(n):
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(len(names) + 1)]
+        stamps = [time.perf_counter()]
+        events[0].record()
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda"):
+            output = net(data)
+            stamps.append(time.perf_counter()), events[1].record()
+            loss = trainer.loss(output, target)
+        stamps.append(time.perf_counter()), events[2].record()
+        scaler.scale(loss).backward()
+        stamps.append(time.perf_counter()), events[3].record()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 12)
+        scaler.step(opt)
+        scaler.update()
+        stamps.append(time.perf_counter()), events[4].record()
+        torch.cuda.synchronize()
+        for i, name in enumerate(names):
+            gpu[name] += events[i].elapsed_time(events[i + 1]) / n
+            host[name] += (stamps[i + 1] - stamps[i]) * 1e3 / n
+    return {"gpu": gpu, "host": host}
+
+
+def _sync_points(fn, n: int) -> dict:
+    """{'file:line': count} of the operations that made the host wait for the GPU in ``n``
+    calls of ``fn`` (``torch.cuda.set_sync_debug_mode('warn')``)."""
+    import warnings
+    counts: dict = {}
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(n):
+                fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for w in caught:
+        if "synchroniz" in str(w.message).lower():
+            key = f"{os.path.relpath(w.filename)}:{w.lineno}"
+            counts[key] = counts.get(key, 0) + 1
+    return {k: v / n for k, v in sorted(counts.items(), key=lambda kv: -kv[1])}
+
+
 def profile(dataset: str, configuration: str, trainer_name: str, iterations: int, device: str,
-            loader_only: bool = False) -> dict:
+            loader_only: bool = False, diagnose: bool = False) -> dict:
     from nnunetv2.run.run_training import get_trainer_from_args
 
     from nnunet_mamba.training.gpu_augmentation_trainer import GPUAugmentedLoader
@@ -67,6 +126,9 @@ def profile(dataset: str, configuration: str, trainer_name: str, iterations: int
         fixed = next(outer)
         out["step"] = _timed(lambda: trainer.train_step(fixed), iterations, sync)
         out["iteration"] = _timed(lambda: trainer.train_step(next(outer)), iterations, sync)
+        if diagnose and dev.type == "cuda":
+            out["phases"] = _phases(trainer, fixed, iterations)
+            out["syncs"] = _sync_points(lambda: trainer.train_step(next(outer)), 3)
     if dev.type == "cuda":
         out["peak_GB"] = torch.cuda.max_memory_allocated(dev) / 1e9
     for loader in (inner, getattr(val, "loader", val)):
@@ -84,10 +146,13 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--loader-only", action="store_true",
                     help="time the workers' batches (and the GPU augmentation) only, no training step")
+    ap.add_argument("--diagnose", action="store_true",
+                    help="CUDA: also the step's phases (GPU vs host ms) and where the host waits for the GPU")
     args = ap.parse_args(argv)
     crop = os.environ.get("NNUNET_MAMBA_GPU_AUGMENTATION_CROP", "batch")
     for name in args.trainers:
-        r = profile(args.dataset, args.configuration, name, args.iterations, args.device, args.loader_only)
+        r = profile(args.dataset, args.configuration, name, args.iterations, args.device, args.loader_only,
+                    args.diagnose)
         extra = f" | gpu_aug {r['gpu_aug']:.1f}" if "gpu_aug" in r else ""
         if "step" in r:
             extra += f" | step {r['step']:.1f} | iteration {r['iteration']:.1f}"
@@ -95,6 +160,12 @@ def main(argv=None) -> None:
               f"GPU augmentation {'on, crop ' + crop if r['gpu_augmentation'] else 'off'}): ms per batch: "
               f"loader {r['loader']:.1f} ({r['loader_MB']:.0f} MB/batch) | val_loader {r['val_loader']:.1f}{extra} | peak {r.get('peak_GB', 0):.1f} GB",
               flush=True)
+        if "phases" in r:
+            ph = r["phases"]
+            print(f"PHASES {name}: ms GPU / host: " + " | ".join(
+                f"{k} {ph['gpu'][k]:.1f} / {ph['host'][k]:.1f}" for k in ph["gpu"]), flush=True)
+            print(f"SYNCS {name} (host waits per iteration, by caller): "
+                  + (", ".join(f"{k} x{v:g}" for k, v in r["syncs"].items()) or "none"), flush=True)
 
 
 if __name__ == "__main__":

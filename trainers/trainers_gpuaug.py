@@ -4,7 +4,8 @@ Everything is ``nnUNetTrainer``'s (plans-based U-Net, SGD 1e-2 with poly decay, 
 iterations, deep supervision, validation) except the training augmentation: nnU-Net's CPU
 workers only load and crop, and the same transforms with the same probabilities and ranges
 run batched on the GPU (:mod:`nnunet_mamba.training.gpu_augmentation_trainer`), as for our
-Mamba trainers. It is the fair counterpart of ``nnUNetTrainer`` when the trainers are
+Mamba trainers; and, as for them, the training step does not wait for the GPU (fused SGD,
+losses read once per epoch: :mod:`nnunet_mamba.training.sync_free_step`). It is the fair counterpart of ``nnUNetTrainer`` when the trainers are
 compared with GPU augmentation, e.g. in ``scripts/bench_nnunet_gpu.sh``. On a CPU device
 (or with ``NNUNET_MAMBA_GPU_AUGMENTATION=0``) it trains exactly like ``nnUNetTrainer``.
 Short variants as for every trainer here: ``nnUNetTrainer_GPUAug_1epoch``, ``_2epochs``,
@@ -14,11 +15,12 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_mamba.training.base import HyperparameterMixin, short_variants
 from nnunet_mamba.training.gpu_augmentation_trainer import GPUAugmentationMixin
+from nnunet_mamba.training.sync_free_step import SyncFreeStepMixin
 
 
-class nnUNetTrainer_GPUAug(HyperparameterMixin, GPUAugmentationMixin, nnUNetTrainer):
-    """nnUNetTrainer with its training augmentation batched on the GPU (``hyperparameters``:
-    set by the short variants)."""
+class nnUNetTrainer_GPUAug(HyperparameterMixin, SyncFreeStepMixin, GPUAugmentationMixin, nnUNetTrainer):
+    """nnUNetTrainer with its training augmentation batched on the GPU and nnU-Net's training
+    step without host synchronisation (``hyperparameters``: set by the short variants)."""
 
 
 globals().update(short_variants(nnUNetTrainer_GPUAug, __name__))

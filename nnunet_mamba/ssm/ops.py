@@ -239,6 +239,7 @@ def _backward(ctx, dout, dlast, _dsaved, _dpre):
     u, delta, A, B, C, D, z, delta_bias, saved, pre = ctx.saved_tensors
     if dout is None:
         dout = u.new_zeros(u.shape, dtype=(z if z is not None else u).dtype)
+    dout = dout.contiguous()  # dense outside the op, as the inputs in scan()
     if ctx.backend in ("mamba_ssm", "triton"):
         dlast = None  # these kernels do not take it (as in mamba-ssm)
     du, ddelta, dA, dB, dC, dD, dz, ddb = torch.ops.nnunet_mamba.selective_scan_bwd(
@@ -258,6 +259,11 @@ def scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, backend: str
         A = A.float()
         D = None if D is None else D.float()
         delta_bias = None if delta_bias is None else delta_bias.float()
+    # Every backend reads dense inputs. Made dense here, outside the op, torch.compile fuses
+    # each copy into the kernel that produces the tensor (e.g. a transpose with its dtype
+    # cast) instead of running one more copy kernel inside the op; eager copies the same.
+    u, delta, B, C = u.contiguous(), delta.contiguous(), B.contiguous(), C.contiguous()
+    z = None if z is None else z.contiguous()
     out, last, _, _ = torch.ops.nnunet_mamba.selective_scan_fwd(
         u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend)
     return out, last

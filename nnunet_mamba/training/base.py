@@ -67,8 +67,9 @@ require_nnunetv2()
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler  # noqa: E402
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer  # noqa: E402
 
-from nnunet_mamba.runkit.optim import accept_single_group_states, make_optimizer  # noqa: E402
+from nnunet_mamba.runkit.optim import OPTIMIZERS, accept_single_group_states, make_optimizer  # noqa: E402
 from nnunet_mamba.training.gpu_augmentation_trainer import GPUAugmentationMixin  # noqa: E402
+from nnunet_mamba.training.sync_free_step import SyncFreeStepMixin  # noqa: E402
 
 
 def unwrap(network: nn.Module) -> nn.Module:
@@ -110,7 +111,7 @@ class HyperparameterMixin:
         return out
 
 
-class MambaTrainerBase(HyperparameterMixin, GPUAugmentationMixin, nnUNetTrainer):
+class MambaTrainerBase(HyperparameterMixin, SyncFreeStepMixin, GPUAugmentationMixin, nnUNetTrainer):
     """nnU-Net trainer whose network and optimiser settings come from class attributes.
 
     Subclasses set ``network_class`` (called as ``network_class(in_channels, num_classes,
@@ -120,6 +121,8 @@ class MambaTrainerBase(HyperparameterMixin, GPUAugmentationMixin, nnUNetTrainer)
     ``supports_deep_supervision = False`` for networks with one output; ``optimizer_name``
     ('sgd', 'adam', 'adamw', 'radam'); and ``hyperparameters`` (see
     :class:`HyperparameterMixin`), e.g. ``{"initial_lr": 2e-3, "num_epochs": 100}``.
+    On CUDA the training step does not wait for the GPU (:class:`SyncFreeStepMixin`) and
+    the training augmentation runs there (:class:`GPUAugmentationMixin`).
     """
 
     network_class: ClassVar[Optional[type]] = None
@@ -246,11 +249,12 @@ class MambaTrainerBase(HyperparameterMixin, GPUAugmentationMixin, nnUNetTrainer)
         ``weight_decay`` except on Mamba's ``A_log`` and ``D``; nnU-Net's poly schedule.
         Checkpoints of earlier versions (one parameter group) still resume."""
         name = self.optimizer_name
+        if name not in OPTIMIZERS:
+            raise ValueError(f"{type(self).__name__}: unknown optimizer {name!r}; choose from "
+                             f"{', '.join(OPTIMIZERS)}")
         extra = {"momentum": 0.99, "nesterov": True} if name == "sgd" else {}
-        try:
-            opt = make_optimizer(name, self.network, self.initial_lr, self.weight_decay, **extra)
-        except ValueError:
-            raise ValueError(f"{type(self).__name__}: unknown optimizer {name!r}") from None
+        extra.update(self.optimizer_options(OPTIMIZERS[name]))  # fused on CUDA (sync-free step)
+        opt = make_optimizer(name, self.network, self.initial_lr, self.weight_decay, **extra)
         accept_single_group_states(opt, self.network)  # resuming runs of earlier versions
         return opt, PolyLRScheduler(opt, self.initial_lr, self.num_epochs)
 

@@ -1,0 +1,108 @@
+"""SyncFreeStepMixin: nnU-Net's training step without waiting for the GPU.
+
+nnU-Net's ``train_step`` stops the CPU twice per iteration until the GPU has finished all
+queued work: ``GradScaler.step`` reads the "found inf" flag of an unfused optimiser with
+``.item()``, and the step returns ``loss.detach().cpu().numpy()``. After each stop the GPU
+idles while Python queues the next iteration (take the batch, augmentation, forward). For a
+network whose step is bound by kernel launches, as the Mamba networks' are, that idle time
+is a large part of the iteration.
+
+On CUDA this mixin keeps the same arithmetic and removes both stops:
+
+* the optimiser is built ``fused=True`` where PyTorch has a fused version (SGD, Adam,
+  AdamW): ``GradScaler`` then hands the inf flag and the scale to the fused kernel, which
+  skips the update on the device when a gradient is not finite, exactly as the unfused
+  path skips it on the host (:meth:`optimizer_options`);
+* ``train_step`` returns the loss as a device tensor and :meth:`on_train_epoch_end` moves
+  the epoch's losses to the host at once, so the logged mean is the same number.
+
+Autocast, gradient scaling, unscaling, nnU-Net's gradient clipping at norm 12 and the
+order of operations are nnU-Net's. ``NNUNET_MAMBA_SYNC_FREE_STEP=0`` (or a class attribute
+``sync_free_step = False``) keeps nnU-Net's own step; on a CPU device the step is nnU-Net's
+unless ``NNUNET_MAMBA_SYNC_FREE_STEP=1`` (tests).
+"""
+from __future__ import annotations
+
+import inspect
+import os
+from typing import ClassVar, Optional
+
+import numpy as np
+import torch
+
+ENV = "NNUNET_MAMBA_SYNC_FREE_STEP"
+
+
+def sync_free_setting(device: torch.device, class_setting: Optional[bool] = None) -> bool:
+    """Whether the sync-free step runs: ``ENV`` = 0/1 or the class attribute False/True
+    decide (1/True: also on a CPU device, for tests); otherwise on CUDA only."""
+    value = os.environ.get(ENV, "").strip().lower()
+    if class_setting is False or value in ("0", "false", "off", "no"):
+        return False
+    if class_setting or value in ("1", "true", "on", "yes"):
+        return True
+    return device.type == "cuda"
+
+
+def supports_fused(optimizer_class: type) -> bool:
+    """Whether ``optimizer_class`` takes ``fused=True`` (SGD, Adam, AdamW in PyTorch >= 2.4)."""
+    try:
+        return "fused" in inspect.signature(optimizer_class).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class SyncFreeStepMixin:
+    """Put before ``nnUNetTrainer`` in the bases. See the module docstring.
+
+    Subclasses that build their own optimiser pass ``**self.optimizer_options(cls)`` to it.
+    """
+
+    sync_free_step: ClassVar[Optional[bool]] = None
+
+    @property
+    def _sync_free(self) -> bool:
+        return sync_free_setting(self.device, self.sync_free_step)
+
+    def optimizer_options(self, optimizer_class: type) -> dict:
+        """``{'fused': True}`` when the sync-free step runs and the class has a fused kernel."""
+        return {"fused": True} if self._sync_free and supports_fused(optimizer_class) else {}
+
+    def configure_optimizers(self):
+        """nnU-Net's optimiser (SGD, momentum 0.99, Nesterov, ``weight_decay``) and poly
+        schedule, fused when the sync-free step runs."""
+        from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+
+        optimizer = torch.optim.SGD(self.network.parameters(), self.initial_lr,
+                                    weight_decay=self.weight_decay, momentum=0.99, nesterov=True,
+                                    **self.optimizer_options(torch.optim.SGD))
+        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+
+    def train_step(self, batch: dict) -> dict:
+        if not self._sync_free:
+            return super().train_step(batch)
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = ([t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list)
+                  else target.to(self.device, non_blocking=True))
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
+            loss = self.loss(self.network(data), target)
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.grad_scaler.step(self.optimizer)  # fused: no host read of the inf flag
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.optimizer.step()
+        return {"loss": loss.detach()}
+
+    def on_train_epoch_end(self, train_outputs: list[dict]):
+        losses = [o["loss"] for o in train_outputs]
+        if losses and isinstance(losses[0], torch.Tensor):  # one transfer for the whole epoch
+            values = torch.stack([v.float() for v in losses]).cpu().numpy()
+            train_outputs = [{**o, "loss": np.asarray(v)} for o, v in zip(train_outputs, values)]
+        return super().on_train_epoch_end(train_outputs)

@@ -1,0 +1,93 @@
+"""The sync-free training step gives nnU-Net's step's numbers (CPU; the speed is measured on a
+GPU by scripts/profile_epoch.py --diagnose)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from nnunet_mamba.training.sync_free_step import ENV, supports_fused, sync_free_setting
+from tests.test_nnmamba_seg import _plans
+from tests.test_other_segmenters import tiny_plans
+
+PATCH = (16, 24, 32)
+PLANS = {"nnMambaTrainer": lambda: _plans(PATCH), "nnUNetTrainer_GPUAug": lambda: tiny_plans(PATCH)}
+
+DATASET_JSON = {"channel_names": {"0": "a", "1": "b", "2": "c", "3": "d"},
+                "labels": {"background": 0, "wt": [1, 2, 3], "tc": [1, 3], "et": [3]},
+                "regions_class_order": [2, 1, 3], "numTraining": 1, "file_ending": ".nii.gz"}
+
+
+def test_setting_follows_device_class_and_environment(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.delenv(ENV, raising=False)
+    assert sync_free_setting(cuda) and not sync_free_setting(cpu)
+    assert not sync_free_setting(cuda, class_setting=False) and sync_free_setting(cpu, class_setting=True)
+    monkeypatch.setenv(ENV, "0")
+    assert not sync_free_setting(cuda) and not sync_free_setting(cpu, class_setting=True)
+    monkeypatch.setenv(ENV, "1")
+    assert sync_free_setting(cpu) and not sync_free_setting(cuda, class_setting=False)
+    assert supports_fused(torch.optim.Adam) and not supports_fused(torch.optim.RAdam)
+
+
+def _trainer(name: str, sync_free: str, monkeypatch, tmp_path, state=None, fused=None):
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    monkeypatch.setenv("nnUNet_results", str(tmp_path))
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path))
+    monkeypatch.setenv(ENV, sync_free)
+    cls = recursive_find_trainer_class_by_name(name)
+    trainer = cls(PLANS[name](), "3d_fullres", 0, DATASET_JSON, device=torch.device("cpu"))
+    pm = PlansManager(PLANS[name]())
+    torch.manual_seed(0)
+    trainer.network = cls.build_network_architecture(pm, pm.get_configuration("3d_fullres"), 4, 3, True)
+    if state is not None:
+        trainer.network.load_state_dict(state)
+    if fused is not None:
+        monkeypatch.setenv(ENV, fused)  # the optimiser the other setting builds
+    trainer.optimizer, trainer.lr_scheduler = trainer.configure_optimizers()
+    trainer.loss = trainer._build_loss()
+    trainer.grad_scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)  # the CUDA path's calls
+    return trainer
+
+
+@pytest.mark.parametrize("name", ["nnMambaTrainer", "nnUNetTrainer_GPUAug"])
+def test_sync_free_step_equals_nnunets_step(name, monkeypatch, tmp_path):
+    """Two steps of each on the same batches and the same (fused) optimiser: the same losses
+    (logged mean included) and the same weights. (Fused and unfused Adam differ in rounding,
+    which Adam's division by sqrt(v) magnifies where gradients are tiny, so the step is
+    compared with one optimiser; the trainers' choice of optimiser is checked apart.)"""
+    ours = _trainer(name, "1", monkeypatch, tmp_path / "a")
+    theirs = _trainer(name, "0", monkeypatch, tmp_path / "b", state=ours.network.state_dict(), fused="1")
+    plain = _trainer(name, "0", monkeypatch, tmp_path / "c")
+    assert ours.optimizer.defaults.get("fused") and not plain.optimizer.defaults.get("fused")
+    assert type(ours.optimizer) is type(plain.optimizer)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, *PATCH, generator=g)
+    with torch.no_grad():
+        shapes = [o.shape for o in ours.network(x)]
+    outputs = {"ours": [], "theirs": []}
+    for step in range(2):
+        batch = {"data": x + step, "target": [(torch.rand(s, generator=g) > 0.5).float() for s in shapes]}
+        monkeypatch.setenv(ENV, "1")
+        outputs["ours"].append(ours.train_step({k: [t.clone() for t in v] if isinstance(v, list) else v.clone()
+                                                 for k, v in batch.items()}))
+        monkeypatch.setenv(ENV, "0")
+        outputs["theirs"].append(theirs.train_step(batch))
+    assert isinstance(outputs["ours"][0]["loss"], torch.Tensor)  # no host copy per step
+    assert isinstance(outputs["theirs"][0]["loss"], np.ndarray)
+    ours_loss = [float(o["loss"]) for o in outputs["ours"]]
+    theirs_loss = [float(o["loss"]) for o in outputs["theirs"]]
+    np.testing.assert_allclose(ours_loss, theirs_loss, rtol=1e-5)
+    assert ours_loss[0] != ours_loss[1]
+    for (n, p), q in zip(ours.network.named_parameters(), theirs.network.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m: f"{n}: {m}")
+    monkeypatch.setenv(ENV, "1")
+    ours.on_train_epoch_end(outputs["ours"])
+    monkeypatch.setenv(ENV, "0")
+    theirs.on_train_epoch_end(outputs["theirs"])
+    np.testing.assert_allclose(ours.logger.get_value("train_losses", step=None),
+                               theirs.logger.get_value("train_losses", step=None), rtol=1e-6)
+    np.testing.assert_allclose(ours.logger.get_value("train_losses", step=None)[0], np.mean(theirs_loss),
+                               rtol=1e-6)
