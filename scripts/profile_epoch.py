@@ -48,7 +48,9 @@ def _phases(trainer, batch: dict, n: int) -> dict:
     kernel launches, not by the GPU."""
     names = ("forward", "loss", "backward", "optimizer")
     gpu, host = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
-    net, opt, scaler = trainer.network, trainer.optimizer, trainer.grad_scaler
+    net = getattr(trainer, "training_network", trainer.network)  # CUDA graphs where the trainer uses them
+    graphed = net is not trainer.network
+    opt, scaler = trainer.optimizer, trainer.grad_scaler
     data, target = batch["data"], batch["target"]
     torch.cuda.synchronize()
     for _ in range(n):
@@ -56,6 +58,8 @@ def _phases(trainer, batch: dict, n: int) -> dict:
         stamps = [time.perf_counter()]
         events[0].record()
         opt.zero_grad(set_to_none=True)
+        if graphed:
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast("cuda"):
             output = net(data)
             stamps.append(time.perf_counter()), events[1].record()

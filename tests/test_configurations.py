@@ -23,6 +23,11 @@ TRAINERS = ["nnMambaTrainer", "nnMambaTrainer_InstanceNorm", "SegMambaTrainer",
             "TamingSegMambaTrainer", "BiSegMambaTrainer", "MultiSegMambaTrainer",
             "SegMambaSkipTrainer", "UMambaBotTrainer", "UMambaEncTrainer", "UNETRTrainer"]
 CONFIGURATIONS = ["2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres"]
+# one trainer per network family trains 2d through nnUNetv2_train; the variants (another norm,
+# another Mamba layer on the same backbone, another U-Mamba placement) are built and run in
+# every configuration by test_every_trainer_builds_and_runs_every_configuration and trained
+# through nnUNetv2_train in 3d by tests/test_e2e_nnunet.py
+FAMILIES = ["nnMambaTrainer", "SegMambaTrainer", "TamingSegMambaTrainer", "UMambaBotTrainer", "UNETRTrainer"]
 DATASET_JSON = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "a": 1, "b": 2},
                 "numTraining": 5, "file_ending": ".nii.gz"}
 # nnU-Net's plans for 4 x 1 x 1 mm data: in-plane pooling first, 1 x 3 x 3 kernels until the
@@ -353,9 +358,9 @@ def _train_predict_check(work, env, folder, dataset_id, config, trainer, predict
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("trainer", TRAINERS)
+@pytest.mark.parametrize("trainer", FAMILIES)
 def test_2d_dataset_end_to_end(planned_2d, trainer):
-    """Every trainer trains and validates 2d through nnUNetv2_train with finite logits;
+    """A trainer of each family trains and validates 2d through nnUNetv2_train with finite logits;
     nnUNetv2_predict runs for one trainer of each family (nnMamba, SegMamba, U-Mamba)."""
     work, env, folder = planned_2d
     _train_predict_check(work, env, folder, E2E_2D_ID, "2d", trainer,

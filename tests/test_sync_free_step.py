@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from nnunet_mamba.training.sync_free_step import ENV, supports_fused, sync_free_setting
+from nnunet_mamba.training.sync_free_step import (ENV, GRAPHS_ENV, cuda_graphs_setting, supports_fused,
+                                                  sync_free_setting)
 from tests.test_nnmamba_seg import _plans
 from tests.test_other_segmenters import tiny_plans
 
@@ -28,6 +29,11 @@ def test_setting_follows_device_class_and_environment(monkeypatch):
     monkeypatch.setenv(ENV, "1")
     assert sync_free_setting(cpu) and not sync_free_setting(cuda, class_setting=False)
     assert supports_fused(torch.optim.Adam) and not supports_fused(torch.optim.RAdam)
+    monkeypatch.delenv(GRAPHS_ENV, raising=False)
+    assert cuda_graphs_setting(cuda) and not cuda_graphs_setting(cpu)
+    assert not cuda_graphs_setting(cuda, class_setting=False)
+    monkeypatch.setenv(GRAPHS_ENV, "0")
+    assert not cuda_graphs_setting(cuda)
 
 
 def _trainer(name: str, sync_free: str, monkeypatch, tmp_path, state=None, fused=None):
@@ -63,6 +69,7 @@ def test_sync_free_step_equals_nnunets_step(name, monkeypatch, tmp_path):
     plain = _trainer(name, "0", monkeypatch, tmp_path / "c")
     assert ours.optimizer.defaults.get("fused") and not plain.optimizer.defaults.get("fused")
     assert type(ours.optimizer) is type(plain.optimizer)
+    assert ours.training_network is ours.network  # no CUDA graphs on a CPU
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 4, *PATCH, generator=g)
     with torch.no_grad():

@@ -16,6 +16,13 @@ On CUDA this mixin keeps the same arithmetic and removes both stops:
 * ``train_step`` returns the loss as a device tensor and :meth:`on_train_epoch_end` moves
   the epoch's losses to the host at once, so the logged mean is the same number.
 
+With nnU-Net's ``torch.compile`` on (its default on CUDA) the step also replays the
+network's forward and backward as CUDA graphs (:attr:`SyncFreeStepMixin.training_network`,
+``torch.compile(mode='reduce-overhead')`` of the same module): one launch per graph instead
+of a thousand kernel launches, so the host no longer bounds the step. Validation, the final
+prediction and the checkpoints use nnU-Net's compiled network as before.
+``NNUNET_MAMBA_CUDA_GRAPHS=0`` (or ``cuda_graphs = False``) keeps nnU-Net's compile mode.
+
 Autocast, gradient scaling, unscaling, nnU-Net's gradient clipping at norm 12 and the
 order of operations are nnU-Net's. ``NNUNET_MAMBA_SYNC_FREE_STEP=0`` (or a class attribute
 ``sync_free_step = False``) keeps nnU-Net's own step; on a CPU device the step is nnU-Net's
@@ -31,6 +38,7 @@ import numpy as np
 import torch
 
 ENV = "NNUNET_MAMBA_SYNC_FREE_STEP"
+GRAPHS_ENV = "NNUNET_MAMBA_CUDA_GRAPHS"
 
 
 def sync_free_setting(device: torch.device, class_setting: Optional[bool] = None) -> bool:
@@ -41,6 +49,15 @@ def sync_free_setting(device: torch.device, class_setting: Optional[bool] = None
         return False
     if class_setting or value in ("1", "true", "on", "yes"):
         return True
+    return device.type == "cuda"
+
+
+def cuda_graphs_setting(device: torch.device, class_setting: Optional[bool] = None) -> bool:
+    """Whether the sync-free step replays the compiled network as CUDA graphs: on CUDA unless
+    ``GRAPHS_ENV`` = 0 or the class attribute is False (needs the sync-free step and
+    nnU-Net's torch.compile; never under DDP, whose wrapper it would bypass)."""
+    if class_setting is False or os.environ.get(GRAPHS_ENV, "").strip().lower() in ("0", "false", "off", "no"):
+        return False
     return device.type == "cuda"
 
 
@@ -59,6 +76,7 @@ class SyncFreeStepMixin:
     """
 
     sync_free_step: ClassVar[Optional[bool]] = None
+    cuda_graphs: ClassVar[Optional[bool]] = None
 
     @property
     def _sync_free(self) -> bool:
@@ -78,16 +96,37 @@ class SyncFreeStepMixin:
                                     **self.optimizer_options(torch.optim.SGD))
         return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
 
+    @property
+    def training_network(self) -> torch.nn.Module:
+        """The module ``train_step`` calls: with CUDA graphs on (see :func:`cuda_graphs_setting`)
+        ``torch.compile(network, mode='reduce-overhead')`` of the same module, built on first
+        use; otherwise ``self.network``. Validation and checkpoints keep ``self.network``."""
+        graphed = getattr(self, "_graphed_network", None)
+        if graphed is not None and graphed[0] is self.network:
+            return graphed[1]
+        net = self.network
+        if not (isinstance(net, torch._dynamo.eval_frame.OptimizedModule) and self._sync_free
+                and cuda_graphs_setting(self.device, self.cuda_graphs)):
+            return net  # not compiled by nnU-Net (nnUNet_compile=false), DDP, CPU, or off
+        mode = "reduce-overhead"
+        self._graphed_network = (net, torch.compile(net._orig_mod, mode=mode))
+        self.print_to_log_file(f"training step: torch.compile(mode={mode!r}) (CUDA graphs; "
+                               f"{GRAPHS_ENV}=0 turns them off); validation: nnU-Net's compiled network")
+        return self._graphed_network[1]
+
     def train_step(self, batch: dict) -> dict:
         if not self._sync_free:
             return super().train_step(batch)
+        network = self.training_network
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"]
         target = ([t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list)
                   else target.to(self.device, non_blocking=True))
         self.optimizer.zero_grad(set_to_none=True)
+        if network is not self.network:
+            torch.compiler.cudagraph_mark_step_begin()  # last step's graph outputs are dead
         with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
-            loss = self.loss(self.network(data), target)
+            loss = self.loss(network(data), target)
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
             self.grad_scaler.unscale_(self.optimizer)
