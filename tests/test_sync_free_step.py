@@ -98,3 +98,32 @@ def test_sync_free_step_equals_nnunets_step(name, monkeypatch, tmp_path):
                                theirs.logger.get_value("train_losses", step=None), rtol=1e-6)
     np.testing.assert_allclose(ours.logger.get_value("train_losses", step=None)[0], np.mean(theirs_loss),
                                rtol=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphed_steps_follow_the_compiled_steps(monkeypatch, tmp_path):
+    """On CUDA with nnU-Net's compile: the training step replays CUDA graphs of the same
+    module, and three steps give the losses of the plain compiled network (fp16 autocast:
+    close, not bitwise)."""
+    runs = {}
+    for graphs in ("1", "0"):
+        monkeypatch.setenv("NNUNET_MAMBA_CUDA_GRAPHS", graphs)
+        t = _trainer("nnMambaTrainer", "1", monkeypatch, tmp_path / graphs)
+        t.device = torch.device("cuda")
+        t.network = torch.compile(t.network.cuda())
+        t.optimizer, _ = t.configure_optimizers()
+        t.loss = t._build_loss()
+        t.grad_scaler = torch.amp.GradScaler("cuda")
+        assert (t.training_network is not t.network) == (graphs == "1")
+        g = torch.Generator().manual_seed(2)
+        x = torch.randn(2, 4, *PATCH, generator=g)
+        with torch.no_grad():
+            shapes = [o.shape for o in t.network._orig_mod(x.cuda())]
+        losses = []
+        for step in range(3):
+            target = [(torch.rand(s, generator=g) > 0.5).float().cuda() for s in shapes]
+            losses.append(float(t.train_step({"data": (x + step).cuda(), "target": target})["loss"]))
+        runs[graphs] = losses
+    np.testing.assert_allclose(runs["1"], runs["0"], rtol=2e-3)
+    assert len(set(runs["1"])) == 3  # the weights moved between the steps
