@@ -152,3 +152,22 @@ def test_channels_last_gives_the_same_numbers(dim):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-6, atol=1e-9, msg=name)
     assert nnMambaSeg(2, 3, **kw).channels_last is None  # default: CUDA inputs, eager mode
 
+
+
+@pytest.mark.parametrize("shape,size", [((2, 3, 4, 5, 6), (8, 10, 12)), ((2, 3, 4, 5, 6), (4, 10, 12)),
+                                        ((1, 2, 5, 7), (10, 14)), ((1, 2, 3, 4, 5), (3, 4, 5)),
+                                        ((1, 2, 3, 4, 5), (5, 8, 10))])
+def test_separable_upsampling_equals_interpolate(shape, size):
+    """The compiled decoders' per-axis linear doubling gives F.interpolate's values and
+    gradients (float64); sizes that are not doublings fall back to F.interpolate."""
+    import torch.nn.functional as F
+
+    from nnunet_mamba.networks.blocks import upsample_linear
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    ours = upsample_linear(x, size, separable=True)
+    ref = F.interpolate(x, size=size, mode="trilinear" if len(size) == 3 else "bilinear", align_corners=False)
+    assert ours.shape == ref.shape
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+    g = torch.randn_like(ref)
+    torch.testing.assert_close(torch.autograd.grad(ours, x, g)[0], torch.autograd.grad(ref, x, g)[0],
+                               rtol=0, atol=1e-12)

@@ -17,10 +17,9 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .blocks import (MICCSS, OPS_3D, ChannelScaling, ConvNormAct, ConvOps, DoubleConv,
-                     ResidualStage, Size, UpConcatBlock, per_axis)
+                     ResidualStage, Size, UpConcatBlock, per_axis, upsample_linear)
 
 
 def level_sizes(strides: Optional[Sequence[Size]], kernel_sizes: Optional[Sequence[Size]],
@@ -115,7 +114,6 @@ class SkipScaledDecoder(nn.Module):
         chans = list(encoder_channels)
         kernels = kernel_sizes or [3] * (len(chans) + 1)
         self.first_stride = tuple(float(s) for s in per_axis(first_stride, ops.dim))
-        self.mode = ops.interpolation
         self.skip_scaling = nn.ModuleList(ChannelScaling(c, skip_reduction) for c in chans[:-1])
         self.up_blocks = nn.ModuleList(
             UpConcatBlock(chans[i + 1], chans[i], chans[i], kernels[i + 1], ops)
@@ -133,8 +131,7 @@ class SkipScaledDecoder(nn.Module):
         for up, i in zip(self.up_blocks, reversed(range(len(skips) - 1))):
             x = up(x, self.skip_scaling[i](skips[i]))
             decoded.append(x)
-        full = F.interpolate(x, scale_factor=self.first_stride, mode=self.mode,
-                             align_corners=False)
+        full = upsample_linear(x, [round(n * f) for n, f in zip(x.shape[2:], self.first_stride)])
         logits = self.seg_head(self.final_conv(full))
         if not self.deep_supervision:
             return logits
