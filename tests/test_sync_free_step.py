@@ -29,11 +29,13 @@ def test_setting_follows_device_class_and_environment(monkeypatch):
     monkeypatch.setenv(ENV, "1")
     assert sync_free_setting(cpu) and not sync_free_setting(cuda, class_setting=False)
     assert supports_fused(torch.optim.Adam) and not supports_fused(torch.optim.RAdam)
-    monkeypatch.delenv(GRAPHS_ENV, raising=False)
+    monkeypatch.delenv(GRAPHS_ENV, raising=False)  # CUDA graphs: experimental, opt-in, CUDA only
+    assert not cuda_graphs_setting(cuda) and cuda_graphs_setting(cuda, class_setting=True)
+    monkeypatch.setenv(GRAPHS_ENV, "1")
     assert cuda_graphs_setting(cuda) and not cuda_graphs_setting(cpu)
     assert not cuda_graphs_setting(cuda, class_setting=False)
     monkeypatch.setenv(GRAPHS_ENV, "0")
-    assert not cuda_graphs_setting(cuda)
+    assert not cuda_graphs_setting(cuda, class_setting=True)
 
 
 def _trainer(name: str, sync_free: str, monkeypatch, tmp_path, state=None, fused=None):
@@ -127,3 +129,22 @@ def test_cuda_graphed_steps_follow_the_compiled_steps(monkeypatch, tmp_path):
         runs[graphs] = losses
     np.testing.assert_allclose(runs["1"], runs["0"], rtol=2e-3)
     assert len(set(runs["1"])) == 3  # the weights moved between the steps
+
+
+def test_batchnorm_statistics_are_re_estimated_after_graphed_steps(monkeypatch, tmp_path):
+    """Late in a run the EMA statistics are kept, unless steps ran as CUDA graphs: then the
+    plain module re-estimates them (stale or overwritten values are replaced)."""
+    t = _trainer("nnMambaTrainer", "1", monkeypatch, tmp_path)
+    g = torch.Generator().manual_seed(3)
+    batches = iter([{"data": torch.randn(2, 4, *PATCH, generator=g)} for _ in range(t.bn_recalibration_batches)])
+    t.dataloader_train = batches
+    t.current_epoch = 10  # 2750 iterations done: past bn_recalibration_iterations
+    norms = [m for m in t.network.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.running_mean.fill_(1e3)
+    assert not t.recalibrate_batchnorm()
+    assert all(bool((m.running_mean == 1e3).all()) for m in norms)
+    t.graphed_steps = 250
+    assert t.recalibrate_batchnorm()
+    assert all(bool((m.running_mean.abs() < 1e3).all()) for m in norms)
+    assert all(float(m.init_share) == 0.0 for m in norms if hasattr(m, "init_share"))

@@ -200,6 +200,8 @@ class MambaTrainerBase(HyperparameterMixin, SyncFreeStepMixin, GPUAugmentationMi
         norms = [m for m in net.modules()
                  if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
         done = self.current_epoch * self.num_iterations_per_epoch + self.num_iterations_per_epoch
+        # steps replayed as CUDA graphs (experimental) may leave the running statistics stale
+        force = force or getattr(self, "graphed_steps", 0) > 0
         if not norms or (not force and done >= self.bn_recalibration_iterations):
             return False
         loader = getattr(self, "dataloader_train", None)
