@@ -294,10 +294,12 @@ def upsample_linear(x: torch.Tensor, size: Sequence[int], separable: Optional[bo
     if separable is None:
         separable = torch.compiler.is_compiling()
     if separable and len(size) == len(in_size) and all(o in (i, 2 * i) and i > 1 for i, o in zip(in_size, size)):
+        dtype = x.dtype  # float16 / bfloat16 computed in float32, as PyTorch's kernel does
+        x = x.float() if dtype in (torch.float16, torch.bfloat16) else x
         for axis, (i, o) in enumerate(zip(in_size, size)):
             if o == 2 * i:
                 x = _linear_2x(x, axis + 2)
-        return x
+        return x.to(dtype)
     return F.interpolate(x, size=size, mode="trilinear" if len(size) == 3 else "bilinear",
                          align_corners=False)
 
