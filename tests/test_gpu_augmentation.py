@@ -493,3 +493,28 @@ def test_cropping_loader_pads_and_keeps_large_values(scale, check, dtype):
         torch.testing.assert_close(batch["data"][j][:, inside].float(),
                                    torch.from_numpy(image).reshape(2, -1).to(dtype).float())
         assert (batch["data"][j][:, ~inside] == 0).all()
+
+
+def test_label_ops_match_their_definitions():
+    """Masking (all or some channels), label removal and the region lookup against the
+    plain definitions, with padding (-1), labels outside every region and a large label."""
+    from nnunet_mamba.training import gpu_augmentation_ops as ops
+    g = torch.Generator().manual_seed(0)
+    seg = torch.randint(-1, 6, (2, 2, 5, 6, 7), generator=g, dtype=torch.int16)
+    seg[0, 0, 0, 0, 0] = 300
+    img = torch.randn(2, 3, 5, 6, 7, generator=g)
+    for channels in ([0, 1, 2], [2, 0]):
+        ref = img.clone()
+        for c in channels:
+            ref[:, c][seg[:, 1] < 0] = 7.0
+        torch.testing.assert_close(ops.mask_image(img.clone(), seg, channels, 1, 7.0), ref, rtol=0, atol=0)
+    for channels in (None, [1]):
+        ref = seg.clone()
+        for c in (range(2) if channels is None else channels):
+            ref[:, c][ref[:, c] == 3] = 0
+        assert torch.equal(ops.remove_label(seg.clone(), 3, 0, channels), ref)
+    regions = [(1, 2, 3), (2, 3), (3,), (5,)]
+    out = ops.to_regions(seg, regions, channel=0)
+    assert out.dtype == torch.bool and out.shape == (2, 4, 5, 6, 7) and out.is_contiguous()
+    for r, labels in enumerate(regions):
+        assert torch.equal(out[:, r], torch.isin(seg[:, 0], torch.tensor(labels, dtype=torch.int16)))

@@ -274,29 +274,48 @@ def mask_image(img: torch.Tensor, seg: torch.Tensor, channels: Sequence[int], se
                value: float = 0.0) -> torch.Tensor:
     """Sets the given image channels to ``value`` where seg[:, seg_channel] < 0 (MaskImageTransform)."""
     if len(channels):
-        outside = (seg[:, seg_channel] < 0)
-        for c in channels:
-            img[:, c] = torch.where(outside, torch.full_like(img[:, c], value), img[:, c])
+        outside = seg[:, seg_channel] < 0
+        if sorted(channels) == list(range(img.shape[1])):  # every channel: one kernel
+            img.masked_fill_(outside.unsqueeze(1), value)
+        else:
+            for c in channels:
+                img[:, c].masked_fill_(outside, value)
     return img
 
 
 def remove_label(seg: torch.Tensor, label: int, set_to: int, channels=None) -> torch.Tensor:
     """seg[seg == label] = set_to in the given channels (all if None) (RemoveLabelTransform)."""
-    chans = range(seg.shape[1]) if channels is None else channels
-    for c in chans:
-        seg[:, c] = torch.where(seg[:, c] == label, torch.full_like(seg[:, c], set_to), seg[:, c])
+    if channels is None:
+        return seg.masked_fill_(seg == label, set_to)
+    for c in channels:
+        seg[:, c].masked_fill_(seg[:, c] == label, set_to)
     return seg
+
+
+_REGION_TABLES: dict = {}
+
+
+def _region_table(regions: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
+    """(R, max_label + 3) bool on ``device``: column v + 1 says which regions hold label v;
+    column 0 (padding -1) and the last (labels above every region's) hold none."""
+    key = (tuple(tuple(int(v) for v in r) for r in regions), str(device))
+    table = _REGION_TABLES.get(key)
+    if table is None:
+        top = max([v for r in key[0] for v in r] + [0])
+        host = np.zeros((len(regions), top + 3), dtype=bool)
+        for r, labels in enumerate(key[0]):
+            host[r, [v + 1 for v in labels if v >= 0]] = True
+        table = _REGION_TABLES[key] = to_device(host, device)
+    return table
 
 
 def to_regions(seg: torch.Tensor, regions: Sequence[Sequence[int]], channel: int = 0) -> torch.Tensor:
     """One boolean channel per region: the voxels whose label is in the region
-    (ConvertSegmentationToRegionsTransform). ``(B, Cs, *s)`` -> ``(B, R, *s)`` bool."""
-    s = seg[:, channel]
-    out = torch.zeros((seg.shape[0], len(regions), *seg.shape[2:]), dtype=torch.bool, device=seg.device)
-    for r, labels in enumerate(regions):
-        for v in labels:  # python ints: no host-to-device copy
-            out[:, r] |= s == int(v)
-    return out
+    (ConvertSegmentationToRegionsTransform). ``(B, Cs, *s)`` -> ``(B, R, *s)`` bool, by one
+    table lookup instead of a comparison per label and region."""
+    table = _region_table(regions, seg.device)
+    index = (seg[:, channel].long() + 1).clamp_(0, table.shape[1] - 1)
+    return table[:, index].movedim(0, 1).contiguous()
 
 
 def downsample_for_deep_supervision(seg: torch.Tensor, scales) -> list:
