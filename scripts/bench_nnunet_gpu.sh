@@ -9,7 +9,8 @@
 # memory seen by nvidia-smi, the graph breaks and recompiles Dynamo logged
 # (TORCH_LOGS=graph_breaks,recompiles; one recompile for the first validation, eval mode +
 # no_grad, is expected) and `torch._dynamo hit config.recompile_limit` warnings, and the
-# prediction time of one held-out case with `nnUNetv2_predict`. The second epoch's time x the
+# prediction time of one held-out case with `nnUNetv2_predict`, and the pseudo Dice of every
+# epoch with the final validation Dice (a fast run must also still learn). The second epoch's time x the
 # trainer's epochs gives the length of a full BraTS training on this GPU.
 #
 #   bash scripts/bench_nnunet_gpu.sh WORKDIR [CASES] [TRAINER ...]
@@ -85,5 +86,8 @@ for TR in "${TRAINERS[@]}"; do
   breaks=$(grep -c "Graph break" "$LOG" || true)
   recompiles=$(grep -c "Recompiling function" "$LOG" || true)
   limit=$(grep -c "recompile_limit" "$LOG" || true)
-  echo "RESULT $TR (nnUNet_compile=${nnUNet_compile-default}): second epoch ${second:-?} s (first ${first:-?} s) | train command incl. validation ${t_train} s | peak GPU memory ${peak} MiB (nvidia-smi) | CPU cores busy on average ${cores} (workers ${nnUNet_n_proc_DA:-12}) | graph breaks ${breaks}, recompiles ${recompiles}, recompile_limit warnings ${limit} | nnUNetv2_predict one 240x240x155 case (incl. start-up, 8x mirroring) ${t_pred} s"
+  # a fast run must also learn: the pseudo Dice of every epoch and the final validation Dice
+  dice=$(grep -o "Pseudo dice \[.*\]" "$LOG" | sed 's/np.float32(\([0-9.]*\))/\1/g; s/Pseudo dice //' | tr '\n' ' ' || true)
+  final=$(grep -o "Mean Validation Dice: *[0-9.]*" "$LOG" | awk '{print $NF}' || true)
+  echo "RESULT $TR (nnUNet_compile=${nnUNet_compile-default}): second epoch ${second:-?} s (first ${first:-?} s) | train command incl. validation ${t_train} s | peak GPU memory ${peak} MiB (nvidia-smi) | CPU cores busy on average ${cores} (workers ${nnUNet_n_proc_DA:-12}) | graph breaks ${breaks}, recompiles ${recompiles}, recompile_limit warnings ${limit} | pseudo Dice per epoch ${dice:-?}| final validation Dice ${final:-?} | nnUNetv2_predict one 240x240x155 case (incl. start-up, 8x mirroring) ${t_pred} s"
 done
