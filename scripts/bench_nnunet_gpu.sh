@@ -8,10 +8,10 @@
 # trainer the SECOND epoch's time (compilation amortised; the first one too), the peak GPU
 # memory seen by nvidia-smi, the graph breaks and recompiles Dynamo logged
 # (TORCH_LOGS=graph_breaks,recompiles; one recompile for the first validation, eval mode +
-# no_grad, is expected) and `torch._dynamo hit config.recompile_limit` warnings, and the
-# prediction time of one held-out case with `nnUNetv2_predict`, and the pseudo Dice of every
-# epoch with the final validation Dice (a fast run must also still learn). The second epoch's time x the
-# trainer's epochs gives the length of a full BraTS training on this GPU.
+# no_grad, is expected) and `torch._dynamo hit config.recompile_limit` warnings, the pseudo
+# Dice of every epoch and the final validation Dice (a fast run must also still learn), and
+# the prediction time of one held-out case with `nnUNetv2_predict`. The second epoch's time
+# x the trainer's epochs gives the length of a full BraTS training on this GPU.
 #
 #   bash scripts/bench_nnunet_gpu.sh WORKDIR [CASES] [TRAINER ...]
 #   SKIP_PREP=1 reuses WORKDIR's preprocessed dataset; PREP_ONLY=1 stops after preparing it;
