@@ -102,10 +102,6 @@ class ConvOps:
     def dim(self) -> int:
         return 3 if self.conv is nn.Conv3d else 2
 
-    @property
-    def interpolation(self) -> str:
-        return "trilinear" if self.dim == 3 else "bilinear"
-
     def make_norm(self, channels: int) -> nn.Module:
         return self.norm(channels, **dict(self.norm_kwargs))
 
