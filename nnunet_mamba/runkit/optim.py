@@ -24,14 +24,18 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
+def optimizer_class(name: str) -> type:
+    """The optimiser class of ``name`` ('adam', 'adamw', 'radam', 'sgd'); ValueError otherwise."""
+    try:
+        return OPTIMIZERS[name]
+    except KeyError:
+        raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}") from None
+
+
 def make_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float,
                    **kwargs) -> torch.optim.Optimizer:
     """``name`` ('adam', 'adamw', 'radam', 'sgd') over :func:`parameter_groups`."""
-    try:
-        cls = OPTIMIZERS[name]
-    except KeyError:
-        raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}") from None
-    return cls(parameter_groups(model, weight_decay), lr=lr, **kwargs)
+    return optimizer_class(name)(parameter_groups(model, weight_decay), lr=lr, **kwargs)
 
 
 def accept_single_group_states(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:

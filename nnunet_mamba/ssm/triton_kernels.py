@@ -14,7 +14,6 @@ except Exception as e:  # triton missing (CPU-only wheels, macOS) or broken
     _IMPORT_ERROR = f"{type(e).__name__}: {e}"
 
 
-
 if triton is not None:
 
     @triton.jit

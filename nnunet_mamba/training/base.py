@@ -67,7 +67,7 @@ require_nnunetv2()
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler  # noqa: E402
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer  # noqa: E402
 
-from nnunet_mamba.runkit.optim import OPTIMIZERS, accept_single_group_states, make_optimizer  # noqa: E402
+from nnunet_mamba.runkit.optim import accept_single_group_states, make_optimizer, optimizer_class  # noqa: E402
 from nnunet_mamba.training.gpu_augmentation_trainer import GPUAugmentationMixin  # noqa: E402
 from nnunet_mamba.training.sync_free_step import SyncFreeStepMixin  # noqa: E402
 
@@ -251,11 +251,12 @@ class MambaTrainerBase(HyperparameterMixin, SyncFreeStepMixin, GPUAugmentationMi
         ``weight_decay`` except on Mamba's ``A_log`` and ``D``; nnU-Net's poly schedule.
         Checkpoints of earlier versions (one parameter group) still resume."""
         name = self.optimizer_name
-        if name not in OPTIMIZERS:
-            raise ValueError(f"{type(self).__name__}: unknown optimizer {name!r}; choose from "
-                             f"{', '.join(OPTIMIZERS)}")
+        try:
+            cls = optimizer_class(name)
+        except ValueError as e:
+            raise ValueError(f"{type(self).__name__}: {e}") from None
         extra = {"momentum": 0.99, "nesterov": True} if name == "sgd" else {}
-        extra.update(self.optimizer_options(OPTIMIZERS[name]))  # fused on CUDA (sync-free step)
+        extra.update(self.optimizer_options(cls))  # fused on CUDA (sync-free step)
         opt = make_optimizer(name, self.network, self.initial_lr, self.weight_decay, **extra)
         accept_single_group_states(opt, self.network)  # resuming runs of earlier versions
         return opt, PolyLRScheduler(opt, self.initial_lr, self.num_epochs)
