@@ -372,6 +372,7 @@ def test_nnunet_train_with_gpu_augmentation_on_cpu(tmp_path):
     env = nnunet_env(tmp_path)
     env.pop("nnUNet_extTrainer", None)
     env["NNUNET_MAMBA_GPU_AUGMENTATION"] = "1"  # force the batched path on the CPU device
+    env["NNUNET_MAMBA_SYNC_FREE_STEP"] = "1"  # and the sync-free steps: both are on by default on CUDA
     make_synthetic_dataset(tmp_path / "nnUNet_raw", 989, "GPUAug", num_train=5, num_test=0,
                            shape=(24, 32, 32), spacing=(1.0, 1.0, 1.0), seed=0)
 
@@ -391,6 +392,8 @@ def test_nnunet_train_with_gpu_augmentation_on_cpu(tmp_path):
     ckpt = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert ckpt["trainer_name"] == "nnUNetTrainer_GPUAug_smoke"
     assert np.isfinite(ckpt["logging"]["train_losses"]).all()
+    assert np.isfinite(ckpt["logging"]["val_losses"]).all()  # read once per epoch from the device
+    assert all(0 <= d <= 1 for d in ckpt["logging"]["mean_fg_dice"])
     assert (fold / "validation" / "summary.json").exists()
     for configuration in ("3d_fullres", "2d"):
         _check_cropping_loader(tmp_path / "nnUNet_preprocessed" / "Dataset989_GPUAug", configuration)

@@ -38,7 +38,7 @@ def test_setting_follows_device_class_and_environment(monkeypatch):
     assert not cuda_graphs_setting(cuda, class_setting=True)
 
 
-def _trainer(name: str, sync_free: str, monkeypatch, tmp_path, state=None, fused=None):
+def _trainer(name: str, sync_free: str, monkeypatch, tmp_path, state=None, fused=None, dataset_json=None):
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -46,7 +46,7 @@ def _trainer(name: str, sync_free: str, monkeypatch, tmp_path, state=None, fused
     monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path))
     monkeypatch.setenv(ENV, sync_free)
     cls = recursive_find_trainer_class_by_name(name)
-    trainer = cls(PLANS[name](), "3d_fullres", 0, DATASET_JSON, device=torch.device("cpu"))
+    trainer = cls(PLANS[name](), "3d_fullres", 0, dataset_json or DATASET_JSON, device=torch.device("cpu"))
     pm = PlansManager(PLANS[name]())
     torch.manual_seed(0)
     trainer.network = cls.build_network_architecture(pm, pm.get_configuration("3d_fullres"), 4, 3, True)
@@ -100,6 +100,55 @@ def test_sync_free_step_equals_nnunets_step(name, monkeypatch, tmp_path):
                                theirs.logger.get_value("train_losses", step=None), rtol=1e-6)
     np.testing.assert_allclose(ours.logger.get_value("train_losses", step=None)[0], np.mean(theirs_loss),
                                rtol=1e-6)
+
+
+LABELS_WITH_IGNORE = {**DATASET_JSON, "labels": {"background": 0, "a": 1, "b": 2, "ignore": 3}}
+LABELS_WITH_IGNORE.pop("regions_class_order")
+REGIONS_WITH_IGNORE = {**DATASET_JSON, "labels": {**DATASET_JSON["labels"], "ignore": 4}}
+
+
+@pytest.mark.parametrize("case", ["regions", "labels with ignore", "regions with ignore"])
+def test_sync_free_validation_equals_nnunets(case, monkeypatch, tmp_path):
+    """Validation batches through both steps: the same loss and pseudo-Dice counts, and the
+    same logged validation loss and Dice once the epoch's results are read at once."""
+    dataset_json = {"regions": DATASET_JSON, "labels with ignore": LABELS_WITH_IGNORE,
+                    "regions with ignore": REGIONS_WITH_IGNORE}[case]
+    ours = _trainer("nnMambaTrainer", "1", monkeypatch, tmp_path / "a", dataset_json=dataset_json)
+    theirs = _trainer("nnMambaTrainer", "0", monkeypatch, tmp_path / "b", state=ours.network.state_dict(),
+                      dataset_json=dataset_json)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():  # an untrained network predicts one class everywhere: spread its predictions
+        bias = torch.randn(ours.network.decoder.seg_head.bias.shape, generator=g)
+    for t in (ours, theirs):
+        t.network.eval()
+        with torch.no_grad():
+            t.network.decoder.seg_head.bias.copy_(bias)
+            t.network.decoder.seg_head.weight.mul_(10)
+    shapes = [(2, *[p // 2 ** k for p in PATCH]) for k in range(4)]
+    outputs = {"ours": [], "theirs": []}
+    for _ in range(2):
+        x = torch.randn(2, 4, *PATCH, generator=g)
+        if case == "labels with ignore":  # label maps, 3 = ignore
+            target = [torch.randint(0, 4, (s[0], 1, *s[1:]), generator=g).float() for s in shapes]
+        else:  # region channels (+ the ignore channel)
+            channels = 3 + (case == "regions with ignore")
+            target = [(torch.rand(s[0], channels, *s[1:], generator=g) > 0.5).float() for s in shapes]
+        with torch.no_grad():
+            for who, t, env in (("ours", ours, "1"), ("theirs", theirs, "0")):
+                monkeypatch.setenv(ENV, env)
+                outputs[who].append(t.validation_step({"data": x.clone(), "target": [y.clone() for y in target]}))
+    assert all(isinstance(v, torch.Tensor) for o in outputs["ours"] for v in o.values())  # no host copy per step
+    for a, b in zip(outputs["ours"], outputs["theirs"]):
+        assert set(a) == set(b)
+        for k in b:
+            np.testing.assert_allclose(a[k].numpy(), b[k], rtol=1e-6, err_msg=k)
+    assert float(np.sum(outputs["theirs"][0]["tp_hard"])) > 0
+    for who, t, env in (("ours", ours, "1"), ("theirs", theirs, "0")):
+        monkeypatch.setenv(ENV, env)
+        t.on_validation_epoch_end(outputs[who])
+    for key in ("val_losses", "mean_fg_dice", "dice_per_class_or_region"):
+        np.testing.assert_allclose(ours.logger.get_value(key, step=None), theirs.logger.get_value(key, step=None),
+                                   rtol=1e-6, err_msg=key)
 
 
 @pytest.mark.cuda

@@ -14,7 +14,10 @@ On CUDA this mixin keeps the same arithmetic and removes both stops:
   skips the update on the device when a gradient is not finite, exactly as the unfused
   path skips it on the host (:meth:`optimizer_options`);
 * ``train_step`` returns the loss as a device tensor and :meth:`on_train_epoch_end` moves
-  the epoch's losses to the host at once, so the logged mean is the same number.
+  the epoch's losses to the host at once, so the logged mean is the same number;
+* likewise ``validation_step`` keeps the loss and the pseudo-Dice counts (true/false
+  positives, false negatives) on the device and :meth:`on_validation_epoch_end` reads the
+  epoch's at once (nnU-Net's step reads them after each of the 50 validation batches).
 
 Experimental, off by default: with ``NNUNET_MAMBA_CUDA_GRAPHS=1`` (or ``cuda_graphs =
 True``) and nnU-Net's ``torch.compile`` on, the step replays the network's forward and
@@ -146,9 +149,55 @@ class SyncFreeStepMixin:
             self.optimizer.step()
         return {"loss": loss.detach()}
 
+    def validation_step(self, batch: dict) -> dict:
+        """nnU-Net's validation step (its loss, and the counts of its pseudo Dice on the
+        full-resolution output: sigmoid > 0.5 per region, or argmax per label without the
+        background; voxels of the ignore label masked out), results left on the device."""
+        if not self._sync_free:
+            return super().validation_step(batch)
+        from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
+
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = ([t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list)
+                  else target.to(self.device, non_blocking=True))
+        with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
+            output = self.network(data)
+            loss = self.loss(output, target)
+        if self.enable_deep_supervision:
+            output, target = output[0], target[0]
+        labels = self.label_manager
+        if labels.has_regions:
+            prediction = (torch.sigmoid(output) > 0.5).long()
+        else:  # one-hot of the argmax, float16 as in nnU-Net
+            prediction = torch.zeros(output.shape, device=output.device, dtype=torch.float16)
+            prediction.scatter_(1, output.argmax(1, keepdim=True), 1)
+        mask = None
+        if labels.has_ignore_label and labels.has_regions:  # the last target channel marks ignored voxels
+            mask = ~target[:, -1:] if target.dtype == torch.bool else 1 - target[:, -1:]
+            target = target[:, :-1]
+        elif labels.has_ignore_label:
+            mask = (target != labels.ignore_label).float()
+            target = target.masked_fill(target == labels.ignore_label, 0)
+        tp, fp, fn, _ = get_tp_fp_fn_tn(prediction, target, axes=[0, *range(2, output.ndim)], mask=mask)
+        if not labels.has_regions:  # no background Dice
+            tp, fp, fn = tp[1:], fp[1:], fn[1:]
+        return {"loss": loss.detach(), "tp_hard": tp.detach(), "fp_hard": fp.detach(), "fn_hard": fn.detach()}
+
+    def on_validation_epoch_end(self, val_outputs: list[dict]):
+        if val_outputs and isinstance(val_outputs[0].get("loss"), torch.Tensor):
+            val_outputs = _outputs_to_host(val_outputs)
+        return super().on_validation_epoch_end(val_outputs)
+
     def on_train_epoch_end(self, train_outputs: list[dict]):
-        losses = [o["loss"] for o in train_outputs]
-        if losses and isinstance(losses[0], torch.Tensor):  # one transfer for the whole epoch
-            values = torch.stack([v.float() for v in losses]).cpu().numpy()
-            train_outputs = [{**o, "loss": np.asarray(v)} for o, v in zip(train_outputs, values)]
+        if train_outputs and isinstance(train_outputs[0].get("loss"), torch.Tensor):
+            train_outputs = _outputs_to_host(train_outputs)
         return super().on_train_epoch_end(train_outputs)
+
+
+def _outputs_to_host(outputs: list[dict]) -> list[dict]:
+    """An epoch's step outputs with their device tensors as the NumPy arrays nnU-Net's steps
+    return (0-d arrays for scalars), one host transfer per key for the whole epoch."""
+    host = {k: torch.stack([o[k] for o in outputs]).cpu().numpy()
+            for k, v in outputs[0].items() if isinstance(v, torch.Tensor)}
+    return [{**o, **{k: np.asarray(values[i]) for k, values in host.items()}} for i, o in enumerate(outputs)]
