@@ -233,6 +233,9 @@ def _setup_context(ctx, inputs, output):
     _, _, saved, pre = output
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, saved, pre)
     ctx.delta_softplus, ctx.backend = delta_softplus, backend
+    # outputs that get no gradient (saved, pre_gate, usually last_state) reach the backward as
+    # None, not as zero tensors of their shapes (pre_gate: one more (b, d, L) tensor per call)
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, dlast, _dsaved, _dpre):
