@@ -100,7 +100,8 @@ def test_unknown_trainer_is_a_clear_error(planned):
     assert "Could not find requested nnunet trainer" in proc.stdout
 
 
-OTHER_TRAINERS = ["SegMambaTrainer", "TamingSegMambaTrainer", "BiSegMambaTrainer",
+# SegMambaTrainer trains (and predicts) in 3d_fullres and 2d in tests/test_configurations.py
+OTHER_TRAINERS = ["TamingSegMambaTrainer", "BiSegMambaTrainer",
                   "MultiSegMambaTrainer", "SegMambaSkipTrainer", "UMambaBotTrainer",
                   "UMambaEncTrainer", "UNETRTrainer"]
 SMALL_ID = 988
