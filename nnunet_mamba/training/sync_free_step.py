@@ -123,14 +123,19 @@ class SyncFreeStepMixin:
                                f"{GRAPHS_ENV}=1); validation: nnU-Net's compiled network")
         return self._graphed_network[1]
 
+    def _on_device(self, batch: dict):
+        """(data, target) of a batch on the training device (target: a tensor or, with deep
+        supervision, a list of them), copied without blocking the host."""
+        target = batch["target"]
+        target = ([t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list)
+                  else target.to(self.device, non_blocking=True))
+        return batch["data"].to(self.device, non_blocking=True), target
+
     def train_step(self, batch: dict) -> dict:
         if not self._sync_free:
             return super().train_step(batch)
         network = self.training_network
-        data = batch["data"].to(self.device, non_blocking=True)
-        target = batch["target"]
-        target = ([t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list)
-                  else target.to(self.device, non_blocking=True))
+        data, target = self._on_device(batch)
         self.optimizer.zero_grad(set_to_none=True)
         if network is not self.network:
             torch.compiler.cudagraph_mark_step_begin()  # last step's graph outputs are dead
@@ -157,10 +162,7 @@ class SyncFreeStepMixin:
             return super().validation_step(batch)
         from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
 
-        data = batch["data"].to(self.device, non_blocking=True)
-        target = batch["target"]
-        target = ([t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list)
-                  else target.to(self.device, non_blocking=True))
+        data, target = self._on_device(batch)
         with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
             output = self.network(data)
             loss = self.loss(output, target)
